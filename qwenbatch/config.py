@@ -1,0 +1,214 @@
+"""Job configuration: YAML validated into typed config, every field overridable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qwenbatch import schema
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line before any work starts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(min_length=1, description="hub id or local checkpoint path")
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        """`model: Qwen/Qwen3-VL-8B-Instruct` is shorthand for `model: {name: ...}`."""
+        return {"name": value} if isinstance(value, str) else value
+
+
+class TaskConfig(_Section):
+    kind: Literal["caption", "vqa", "document", "custom"] = "caption"
+    prompt: str | None = Field(
+        default=None,
+        description="caption/document: the instruction; custom: a template with {column} placeholders",
+    )
+    system: str | None = None
+    question_column: str = schema.QUESTION
+    prompt_column: str = schema.PROMPT
+
+    @model_validator(mode="after")
+    def _custom_needs_template(self) -> TaskConfig:
+        if self.kind == "custom" and not self.prompt:
+            raise ValueError("task.kind 'custom' needs task.prompt, a template such as 'Is there a {object}?'")
+        return self
+
+    def instruction(self) -> str | None:
+        return self.prompt if self.prompt is not None else schema.DEFAULT_PROMPTS.get(self.kind)
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(default=128, ge=1, le=32768)
+    min_new_tokens: int = Field(default=0, ge=0)
+    do_sample: bool = False
+    temperature: float = Field(default=0.7, gt=0)
+    top_p: float = Field(default=0.8, gt=0, le=1)
+    top_k: int = Field(default=20, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("generation.min_new_tokens must not exceed generation.max_new_tokens")
+        return self
+
+
+class ImageConfig(_Section):
+    min_pixels: int = Field(default=schema.DEFAULT_MIN_PIXELS, ge=schema.PIXELS_PER_TOKEN)
+    max_pixels: int | None = Field(
+        default=None, ge=schema.PIXELS_PER_TOKEN, description="default: per task (document gets more)"
+    )
+    max_bytes: int = Field(default=schema.DEFAULT_MAX_BYTES, ge=1)
+    max_source_pixels: int = Field(default=schema.DEFAULT_MAX_SOURCE_PIXELS, ge=1)
+    formats: tuple[str, ...] = schema.DEFAULT_FORMATS
+    fetch_timeout_s: float = Field(default=schema.DEFAULT_FETCH_TIMEOUT_S, gt=0)
+
+    @field_validator("formats")
+    @classmethod
+    def _upper(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f.upper() for f in formats)
+
+
+class InputConfig(_Section):
+    path: str | list[str] = Field(description="Parquet manifest: a file, a folder, a glob, or a list of them")
+    id_column: str = schema.ID
+    image_column: str = schema.IMAGE
+
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class OutputConfig(_Section):
+    path: str
+
+
+class RunConfig(_Section):
+    batch_size: int = Field(default=8, ge=1)
+    gpus_per_replica: int = Field(default=1, ge=1)
+    replicas: int | tuple[int, int] = Field(default=1, description="a fixed count, or [min, max] to autoscale")
+    cpu_concurrency: int | None = Field(default=None, ge=1, description="load/prompt tasks at once; default: Ray's")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _parse_range(cls, value: Any) -> Any:
+        """Accept `2`, `[1, 4]` and the command-line friendly `1-4`."""
+        if isinstance(value, str) and "-" in value:
+            low, _, high = value.partition("-")
+            return (low.strip(), high.strip())
+        return value
+
+    @field_validator("replicas")
+    @classmethod
+    def _positive(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("replicas must be >= 1, and a range must be [min, max] with min <= max")
+        return value
+
+
+class JobConfig(_Section):
+    model: ModelConfig
+    task: TaskConfig = TaskConfig()
+    generation: GenerationConfig = GenerationConfig()
+    image: ImageConfig = ImageConfig()
+    input: InputConfig
+    output: OutputConfig
+    run: RunConfig = RunConfig()
+
+    def max_pixels(self) -> int:
+        if self.image.max_pixels is not None:
+            return self.image.max_pixels
+        return schema.DOCUMENT_MAX_PIXELS if self.task.kind == "document" else schema.DEFAULT_MAX_PIXELS
+
+    @model_validator(mode="after")
+    def _budget_order(self) -> JobConfig:
+        if self.image.min_pixels > self.max_pixels():
+            raise ValueError("image.min_pixels must not exceed image.max_pixels")
+        return self
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if first["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{key}: {message}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`run.batch_size=4` -> (["run", "batch_size"], 4); the value is read as a YAML scalar."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if isinstance(child, str) and key == "model":
+                child = {"name": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a section")
+            node[key] = child
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read, override and validate; every failure is a ConfigError with a one-line message."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path or 'config'}: {_one_line(exc)}") from None
+
+
+def config_snapshot(config: JobConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

@@ -1,0 +1,78 @@
+"""The built-in demo: a tiny model, a few dozen varied images, caption and vqa on a local Ray."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from qwenbatch.config import JobConfig
+
+# (width, height) cycled through the sample: tiny, wide, tall, large and ordinary.
+SIZES = [(16, 16), (1600, 200), (200, 1200), (3000, 2000), (640, 480), (480, 640), (1024, 768), (300, 300)]
+QUESTIONS = ["What colour is the largest shape?", "How many shapes are there?", "Is there text in the image?"]
+DEMO_MAX_PIXELS = 256 * 32 * 32  # small enough that the CPU demo finishes in seconds
+
+
+def draw_image(width: int, height: int, rng: random.Random) -> Image.Image:
+    """A gradient background with a few shapes: cheap, varied, deterministic."""
+    image = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(1, 5)):
+        x0, y0 = rng.randrange(width), rng.randrange(height)
+        x1, y1 = x0 + rng.randint(1, max(1, width // 2)), y0 + rng.randint(1, max(1, height // 2))
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    return image
+
+
+def make_images(folder: str | Path, count: int = 48, seed: int = 0, broken: int = 1) -> Path:
+    """Write `count` images (JPEG and PNG, mixed sizes) and a manifest; `broken` of them truncated."""
+    folder = Path(folder)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        width, height = SIZES[index % len(SIZES)]
+        fmt = "JPEG" if index % 3 else "PNG"
+        path = images / f"img_{index:04d}.{'jpg' if fmt == 'JPEG' else 'png'}"
+        buffer = io.BytesIO()
+        draw_image(width, height, rng).save(buffer, format=fmt)
+        data = buffer.getvalue()
+        if index >= count - broken:
+            data = data[: len(data) // 3]  # a truncated file: one row with a load_error, not a failed job
+        path.write_bytes(data)
+        rows.append({"id": f"img_{index:04d}", "image": str(path), "question": QUESTIONS[index % len(QUESTIONS)]})
+    manifest = folder / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    return manifest
+
+
+def demo_config(folder: str | Path, task: str) -> JobConfig:
+    folder = Path(folder)
+    return JobConfig.model_validate(
+        {
+            "model": {"name": str(folder / "model"), "dtype": "float32"},
+            "task": {"kind": task},
+            "generation": {"max_new_tokens": 16},
+            "image": {"max_pixels": DEMO_MAX_PIXELS},
+            "input": {"path": str(folder / "manifest.parquet")},
+            "output": {"path": str(folder / "output" / task)},
+            "run": {"batch_size": 8, "device": "cpu"},
+        }
+    )
+
+
+def prepare(folder: str | Path, count: int = 48) -> Path:
+    from qwenbatch.tiny import build_tiny_model
+
+    folder = Path(folder)
+    build_tiny_model(folder / "model")
+    if not (folder / "manifest.parquet").exists():
+        make_images(folder, count=count)
+    return folder

@@ -1,0 +1,265 @@
+"""The job: read -> skip done -> load -> prompt -> infer -> write, as one Ray Data pipeline.
+
+The CLI, the Ray job entrypoints, the demo and the benchmark all call `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+from qwenbatch import schema
+from qwenbatch.config import JobConfig, config_snapshot
+from qwenbatch.infer import Generator
+from qwenbatch.load import LoadLimits, load_batch
+from qwenbatch.prompt import prompt_batch
+from qwenbatch.read import Manifest, open_manifest, read_manifest, skip_done
+from qwenbatch.write import (
+    ShardSink,
+    done_ids,
+    finalize_batch,
+    is_complete,
+    read_summary,
+    summarize_output,
+    write_summary,
+)
+
+log = logging.getLogger(__name__)
+
+CPU_BATCH_ROWS = 16  # rows per load/prompt task: small, so decoding streams into the GPU stage
+VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "pyarrow", "pillow")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One Ray Data operator with its declared resources: a function becomes tasks, a class actors."""
+
+    name: str
+    fn: Callable[..., Any] | type
+    num_cpus: float = 1
+    num_gpus: float = 0
+    concurrency: int | tuple[int, int] | None = None
+    batch_size: int | None = CPU_BATCH_ROWS
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def compute(self) -> Any:
+        """Actors for a class (Ray Data restarts dead ones and retries their batches), tasks otherwise."""
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+        if isinstance(self.fn, type):
+            if isinstance(self.concurrency, tuple):
+                return ActorPoolStrategy(min_size=self.concurrency[0], max_size=self.concurrency[1])
+            return ActorPoolStrategy(size=self.concurrency or 1)
+        return TaskPoolStrategy(size=self.concurrency) if self.concurrency else None
+
+    def apply(self, dataset: Any) -> Any:
+        is_class = isinstance(self.fn, type)
+        return dataset.map_batches(
+            self.fn,
+            batch_size=self.batch_size,
+            batch_format="pyarrow",
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus or None,
+            compute=self.compute(),
+            fn_constructor_kwargs=self.kwargs if is_class else None,
+            fn_kwargs=None if is_class else self.kwargs,
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model replicas run: decided once, on the driver, from the cluster's resources."""
+
+    device: str
+    gpus_per_replica: int
+
+    @classmethod
+    def for_cluster(cls, config: JobConfig, cluster_gpus: float) -> Placement:
+        wanted = config.run.device
+        if wanted == "cpu" or (wanted == "auto" and cluster_gpus < config.run.gpus_per_replica):
+            if wanted == "auto":
+                log.warning("no GPU in the Ray cluster: the model runs on CPU")
+            return cls(device="cpu", gpus_per_replica=0)
+        return cls(device="cuda", gpus_per_replica=config.run.gpus_per_replica)
+
+
+def limits_for(config: JobConfig) -> LoadLimits:
+    image = config.image
+    return LoadLimits(
+        min_pixels=image.min_pixels,
+        max_pixels=config.max_pixels(),
+        max_bytes=image.max_bytes,
+        max_source_pixels=image.max_source_pixels,
+        formats=image.formats,
+        fetch_timeout_s=image.fetch_timeout_s,
+    )
+
+
+def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[Stage]:
+    model = config.model
+    cpu = config.run.cpu_concurrency
+    limits = limits_for(config)
+    return [
+        Stage(
+            "load",
+            load_batch,
+            concurrency=cpu,
+            kwargs={
+                "model": model.name,
+                "revision": model.revision,
+                "limits": limits,
+                "image_column": config.input.image_column,
+            },
+        ),
+        Stage(
+            "prompt",
+            prompt_batch,
+            concurrency=cpu,
+            kwargs={"model": model.name, "revision": model.revision, "task": config.task},
+        ),
+        Stage(
+            "infer",
+            Generator,
+            num_cpus=1 if placement.device == "cpu" else 0,
+            num_gpus=placement.gpus_per_replica,
+            concurrency=config.run.replicas,
+            batch_size=config.run.batch_size,
+            kwargs={
+                "model": model,
+                "generation": config.generation,
+                "min_pixels": limits.min_pixels,
+                "max_pixels": limits.max_pixels,
+                "device": placement.device,
+                "gpus": max(1, placement.gpus_per_replica),
+            },
+        ),
+        Stage(
+            "finalize",
+            finalize_batch,
+            num_cpus=0.25,
+            batch_size=None,
+            kwargs={"model": model.name, "task": config.task.kind, "run_id": run_id},
+        ),
+    ]
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+@dataclass
+class RunResult:
+    output: str
+    summary: dict[str, Any]
+    skipped: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        return self.summary.get("state") == "succeeded"
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+
+
+def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None = None) -> RunResult:
+    """Run the job to completion over whatever the output does not hold yet."""
+    output = config.output.path
+    if is_complete(output) and not force:
+        log.warning("%s is already complete (_SUCCESS); skipping. Pass --force to run it again.", output)
+        return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
+
+    manifest = open_manifest(config.input)  # job-level errors surface here, before Ray starts
+    done = done_ids(output, config.input.id_column)
+    todo = manifest.count_new(done)
+    run_id = new_run_id()
+    started = time.time()
+    log.info(
+        "run %s: %d manifest rows, %d already done, %d to process", run_id, manifest.rows, manifest.rows - todo, todo
+    )
+
+    sink = ShardSink(output, config.input.id_column)
+    if todo:
+        ensure_ray()
+        import ray
+
+        placement = Placement.for_cluster(config, ray.cluster_resources().get("GPU", 0))
+        dataset = read_manifest(manifest)
+        if len(done):
+            dataset = dataset.map_batches(
+                skip_done,
+                batch_format="pyarrow",
+                batch_size=None,
+                fn_kwargs={"id_column": config.input.id_column, "done_holder": [ray.put(done)]},
+            )
+        for stage in build_stages(config, placement, run_id):
+            dataset = stage.apply(dataset)
+        dataset.write_datasink(sink)
+
+    elapsed = time.time() - started
+    summary = build_summary(config, manifest, run_id, started, elapsed, sink.written, todo, max_error_rate)
+    write_summary(output, summary, success=summary["state"] == "succeeded")
+    return RunResult(output=output, summary=summary)
+
+
+def build_summary(
+    config: JobConfig,
+    manifest: Manifest,
+    run_id: str,
+    started: float,
+    elapsed: float,
+    written: dict[str, Any],
+    todo: int,
+    max_error_rate: float | None,
+) -> dict[str, Any]:
+    totals = summarize_output(config.output.path)
+    errors = totals["rows"] - totals["status"].get(schema.OK, 0)
+    error_rate = errors / totals["rows"] if totals["rows"] else 0.0
+    complete = written["rows"] == todo and totals["rows"] >= manifest.rows
+    if not complete:
+        state = "partial"
+    elif max_error_rate is not None and error_rate > max_error_rate:
+        state = "failed"
+    else:
+        state = "succeeded"
+    return {
+        "run_id": run_id,
+        "state": state,
+        "started": datetime.fromtimestamp(started, UTC).isoformat(),
+        "duration_s": round(elapsed, 3),
+        "manifest_rows": manifest.rows,
+        "skipped_done": manifest.rows - todo,
+        "this_run": {
+            "rows": written["rows"],
+            "status": written["status"],
+            "input_tokens": written["input_tokens"],
+            "output_tokens": written["output_tokens"],
+            "shards": written["shards"],
+            "images_per_s": round(written["rows"] / elapsed, 3) if elapsed else None,
+            "output_tokens_per_s": round(written["output_tokens"] / elapsed, 3) if elapsed else None,
+        },
+        "output": totals,
+        "error_rate": round(error_rate, 6),
+        "max_error_rate": max_error_rate,
+        "config": config_snapshot(config),
+        "versions": versions(),
+    }

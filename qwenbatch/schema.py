@@ -1,0 +1,88 @@
+"""Column names, statuses, defaults and limits: the one place each of these facts lives."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Input columns (the id and image column names are configurable; these are the defaults).
+ID = "id"
+IMAGE = "image"
+IMAGE_BYTES = "image_bytes"
+PROMPT = "prompt"
+QUESTION = "question"
+
+# Output columns added to every row.
+TEXT = "text"
+REASONING = "reasoning"
+STATUS = "status"
+ERROR = "error"
+WIDTH = "width"
+HEIGHT = "height"
+IMAGE_TOKENS = "image_tokens"
+INPUT_TOKENS = "input_tokens"
+OUTPUT_TOKENS = "output_tokens"
+FINISH_REASON = "finish_reason"
+MODEL = "model"
+TASK = "task"
+RUN_ID = "run_id"
+
+OUTPUT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(TEXT, pa.string()),
+    pa.field(REASONING, pa.string()),
+    pa.field(STATUS, pa.string()),
+    pa.field(ERROR, pa.string()),
+    pa.field(WIDTH, pa.int32()),
+    pa.field(HEIGHT, pa.int32()),
+    pa.field(IMAGE_TOKENS, pa.int32()),
+    pa.field(INPUT_TOKENS, pa.int32()),
+    pa.field(OUTPUT_TOKENS, pa.int32()),
+    pa.field(FINISH_REASON, pa.string()),
+    pa.field(MODEL, pa.string()),
+    pa.field(TASK, pa.string()),
+    pa.field(RUN_ID, pa.string()),
+)
+OUTPUT_COLUMNS: tuple[str, ...] = tuple(f.name for f in OUTPUT_FIELDS)
+
+# Internal columns that travel between stages and never reach the output.
+PIXELS = "_pixels"  # resized RGB uint8, row-major HxWx3, as bytes
+CHAT = "_chat"  # the chat-templated prompt text
+DROPPED_COLUMNS: tuple[str, ...] = (IMAGE_BYTES, PIXELS, CHAT)
+
+# Statuses: `ok`, or the stage that failed.
+OK = "ok"
+LOAD_ERROR = "load_error"
+PROMPT_ERROR = "prompt_error"
+INFER_ERROR = "infer_error"
+STATUSES = (OK, LOAD_ERROR, PROMPT_ERROR, INFER_ERROR)
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+TASKS = ("caption", "vqa", "document", "custom")
+
+# One visual token per (patch_size * merge_size)^2 pixels: 32x32 for Qwen3-VL.
+PIXELS_PER_TOKEN = 32 * 32
+
+# Pixel budget defaults, in pixels of the resized image. The checkpoint allows 16384
+# tokens; a 12 MP photo would become ~11,750 tokens, so the default cap is far lower.
+DEFAULT_MIN_PIXELS = 64 * PIXELS_PER_TOKEN
+DEFAULT_MAX_PIXELS = 1280 * PIXELS_PER_TOKEN
+DOCUMENT_MAX_PIXELS = 4096 * PIXELS_PER_TOKEN
+
+DEFAULT_PROMPTS = {
+    "caption": "Describe this image in one or two sentences.",
+    "document": (
+        "Read this document. Transcribe its important text and summarize what the "
+        "document is, its key fields and figures."
+    ),
+}
+
+# Load-stage limits.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_SOURCE_PIXELS = 100_000_000  # decoded size from the header; bombs stop here
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+DEFAULT_FETCH_TIMEOUT_S = 30.0
+MAX_ERROR_CHARS = 500
+
+SUMMARY_FILE = "_summary.json"
+SUCCESS_FILE = "_SUCCESS"
