@@ -1,0 +1,71 @@
+"""Test helpers: real image files of varied sizes and modes, manifests, and job configs."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+# tiny, wide, tall, large and ordinary
+MIXED_SIZES = [(1, 1), (12, 20), (900, 120), (120, 700), (1600, 1200), (320, 240), (240, 320), (64, 64), (500, 333)]
+
+
+def noise_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = random.Random(seed)
+    base = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    blocks = Image.effect_noise((max(1, width // 8), max(1, height // 8)), 64).convert("RGB")
+    image = Image.blend(base, blocks.resize((width, height)), 0.5)
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def write_images(folder: Path, count: int, sizes=MIXED_SIZES, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        width, height = sizes[index % len(sizes)]
+        fmt = "PNG" if index % 2 else "JPEG"
+        path = folder / f"img_{index:04d}.{fmt.lower()}"
+        path.write_bytes(encode(noise_image(width, height, seed + index), fmt))
+        paths.append(path)
+    return paths
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def read_output(folder: Path | str) -> pa.Table:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(folder), format="parquet").to_table()
+
+
+def job_config(model: Path, manifest: Path | str, output: Path | str, **sections: dict[str, Any]):
+    """A CPU job config for the tiny model; `sections` override or extend each config section."""
+    from qwenbatch.config import JobConfig
+
+    data: dict[str, Any] = {
+        "model": {"name": str(model), "dtype": "float32"},
+        "task": {"kind": "caption"},
+        "generation": {"max_new_tokens": 8},
+        "image": {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 64},
+        "input": {"path": str(manifest)},
+        "output": {"path": str(output)},
+        "run": {"batch_size": 4, "device": "cpu"},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return JobConfig.model_validate(data)
