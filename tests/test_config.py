@@ -1,0 +1,117 @@
+"""Config: YAML validated into typed config; every problem is one line, exit 2, before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwenbatch import schema
+from qwenbatch.config import ConfigError, load_config
+
+GOOD = """
+model: Qwen/Qwen3-VL-8B-Instruct
+task: {kind: vqa}
+input: {path: /data/manifest.parquet}
+output: {path: /data/out}
+"""
+
+# The child process runs the CLI, then reports whether Ray was ever started.
+CHILD = """
+import sys
+from qwenbatch.cli import main
+code = main(sys.argv[1:])
+import ray
+print("RAY_STARTED" if ray.is_initialized() else "RAY_NOT_STARTED", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_with_defaults(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.model.name == "Qwen/Qwen3-VL-8B-Instruct"
+    assert config.task.kind == "vqa"
+    assert config.generation.do_sample is False
+    assert config.max_pixels() == schema.DEFAULT_MAX_PIXELS
+    assert config.max_pixels() < 16384 * schema.PIXELS_PER_TOKEN  # well below the checkpoint's budget
+    assert config.run.replicas == 1
+
+
+def test_every_field_overridable(tmp_path):
+    config = load_config(
+        write(tmp_path, GOOD),
+        [
+            "model.dtype=float32",
+            "model.revision=abc123",
+            "run.batch_size=4",
+            "run.replicas=2-6",
+            "generation.do_sample=true",
+            "generation.temperature=0.2",
+            "image.max_pixels=262144",
+            "task.kind=custom",
+            "task.prompt=Is there a {object}?",
+            "input.id_column=key",
+        ],
+    )
+    assert config.model.name == "Qwen/Qwen3-VL-8B-Instruct"  # the shorthand survives a nested override
+    assert config.model.dtype == "float32" and config.model.revision == "abc123"
+    assert config.run.batch_size == 4 and config.run.replicas == (2, 6)
+    assert config.generation.do_sample is True and config.generation.temperature == 0.2
+    assert config.max_pixels() == 262144
+    assert config.task.kind == "custom" and config.task.prompt == "Is there a {object}?"
+    assert config.input.id_column == "key"
+
+
+def test_document_task_gets_a_larger_budget(tmp_path):
+    config = load_config(write(tmp_path, GOOD), ["task.kind=document"])
+    assert config.max_pixels() == schema.DOCUMENT_MAX_PIXELS > schema.DEFAULT_MAX_PIXELS
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("model: [unclosed\n", [], "invalid YAML at line"),
+        (GOOD + "run: {batch_sise: 4}\n", [], "run.batch_sise: unknown key"),
+        (GOOD + "colour: blue\n", [], "colour: unknown key"),
+        (GOOD, ["run.batch_size=0"], "run.batch_size: Input should be greater than or equal to 1"),
+        (GOOD, ["model.dtype=fp8"], "model.dtype: Input should be"),
+        (GOOD, ["task.kind=poem"], "task.kind: Input should be"),
+        (GOOD, ["run.replicas=4-2"], "run.replicas"),
+        (GOOD, ["task.kind=custom"], "needs task.prompt"),
+        ("model: x\ninput: {path: a}\n", [], "output: required key is missing"),
+        ("- a\n- b\n", [], "must be a mapping"),
+        (GOOD, ["generation.min_new_tokens=500"], "min_new_tokens must not exceed"),
+    ],
+)
+def test_bad_config_is_one_line(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("model: [unclosed\n", [], "invalid YAML"),
+        (GOOD + "run: {batch_sise: 4}\n", [], "run.batch_sise: unknown key"),
+        (GOOD, ["run.batch_size=-3"], "run.batch_size"),
+    ],
+)
+def test_cli_rejects_bad_config_before_ray_starts(tmp_path, text, overrides, message):
+    path = write(tmp_path, text)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, "run", str(path), *overrides], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("qwenbatch: error:") and message in lines[0]
+    assert lines[1:] == ["RAY_NOT_STARTED"]
