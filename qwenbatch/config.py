@@ -77,6 +77,21 @@ class ImageConfig(_Section):
     max_source_pixels: int = Field(default=schema.DEFAULT_MAX_SOURCE_PIXELS, ge=1)
     formats: tuple[str, ...] = schema.DEFAULT_FORMATS
     fetch_timeout_s: float = Field(default=schema.DEFAULT_FETCH_TIMEOUT_S, gt=0)
+    fetch_retries: int = Field(default=schema.DEFAULT_FETCH_RETRIES, ge=0, description="after a transient error")
+    fetch_backoff_s: float = Field(default=schema.DEFAULT_FETCH_BACKOFF_S, ge=0, description="first retry's wait")
+    max_redirects: int = Field(default=schema.DEFAULT_MAX_REDIRECTS, ge=0)
+    allow_private_network: bool = Field(
+        default=False, description="let http(s) images come from private, loopback and link-local addresses"
+    )
+    allowed_prefixes: tuple[str, ...] | None = Field(
+        default=None,
+        description="paths or URI prefixes rows may point to; null: the folders the manifests live in, and below",
+    )
+    jpeg_draft: bool = Field(
+        default=False,
+        description="decode large JPEGs at reduced size (DCT scaling) when the target is at most half: "
+        "several times faster, pixels differ slightly from a full decode",
+    )
 
     @field_validator("formats")
     @classmethod
@@ -88,6 +103,13 @@ class InputConfig(_Section):
     path: str | list[str] = Field(description="Parquet manifest: a file, a folder, a glob, or a list of them")
     id_column: str = schema.ID
     image_column: str = schema.IMAGE
+    format: Literal["parquet", "webdataset", "hf"] = Field(
+        default="parquet", description="parquet manifests, WebDataset tars, or a Hugging Face dataset"
+    )
+    hf_builder: str | None = Field(
+        default=None, description="hf: a `load_dataset` builder (imagefolder, parquet); null: a save_to_disk folder"
+    )
+    hf_split: str = schema.DEFAULT_HF_SPLIT
 
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)
@@ -95,6 +117,17 @@ class InputConfig(_Section):
 
 class OutputConfig(_Section):
     path: str
+
+
+class StorageConfig(_Section):
+    """Object-store client settings. No credentials here: the config is saved in the run summary,
+    so keys come from each process's environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # hashable: it keys the per-process client cache
+
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; default: AWS_ENDPOINT_URL")
+    region: str | None = Field(default=None, description="S3 region; default: AWS_REGION or AWS_DEFAULT_REGION")
+    anonymous: bool = Field(default=False, description="unsigned requests, for public buckets")
 
 
 class RunConfig(_Section):
@@ -130,6 +163,7 @@ class JobConfig(_Section):
     input: InputConfig
     output: OutputConfig
     run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
 
     def max_pixels(self) -> int:
         if self.image.max_pixels is not None:

@@ -82,7 +82,20 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_SOURCE_PIXELS = 100_000_000  # decoded size from the header; bombs stop here
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 DEFAULT_FETCH_TIMEOUT_S = 30.0
+DEFAULT_FETCH_RETRIES = 3  # after the first attempt, on transient errors only (5xx, 429, timeouts, resets)
+DEFAULT_FETCH_BACKOFF_S = 0.5  # the first retry's wait; it doubles, with jitter, up to the cap
+FETCH_BACKOFF_MAX_S = 10.0
+DEFAULT_MAX_REDIRECTS = 5
+FETCH_CHUNK_BYTES = 256 * 1024
+
+# Input kinds beyond Parquet manifests.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what counts as an image file
+SIZE = "size"  # `qwenbatch manifest`: the image file's bytes
+SHARD = "shard"  # WebDataset: the tar a sample came from
+WEBDATASET_TEXT_SUFFIXES = ("txt", "json")  # sibling members that become string columns; others are ignored
+DEFAULT_HF_SPLIT = "train"
 MAX_ERROR_CHARS = 500
 
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
+TEMP_PREFIX = ".tmp-"  # atomic writes stage here; hidden from readers, removed at the start of a run
