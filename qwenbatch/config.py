@@ -131,10 +131,15 @@ class StorageConfig(_Section):
 
 
 class RunConfig(_Section):
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=schema.DEFAULT_BATCH_SIZE, ge=1, description="rows per generate call, at most")
+    max_batch_tokens: int = Field(
+        default=schema.DEFAULT_MAX_BATCH_TOKENS,
+        ge=schema.PIXELS_PER_TOKEN // 16,
+        description="rows x the longest row's image tokens, per generate call: similar sizes batch together",
+    )
     gpus_per_replica: int = Field(default=1, ge=1)
     replicas: int | tuple[int, int] = Field(default=1, description="a fixed count, or [min, max] to autoscale")
-    cpu_concurrency: int | None = Field(default=None, ge=1, description="load/prompt tasks at once; default: Ray's")
+    cpu_concurrency: int | None = Field(default=None, ge=1, description="load actors at most; default: the cluster's CPUs the replicas leave free")
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     @field_validator("replicas", mode="before")

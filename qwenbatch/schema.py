@@ -96,6 +96,13 @@ WEBDATASET_TEXT_SUFFIXES = ("txt", "json")  # sibling members that become string
 DEFAULT_HF_SPLIT = "train"
 MAX_ERROR_CHARS = 500
 
+# Nightly runs: `{date}` in a path renders as this format (`{date:%Y/%m/%d}` picks another).
+DATE_FORMAT = "%Y-%m-%d"
+
+# Batching in the infer stage: rows per generate call, and rows x longest row in image tokens.
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_BATCH_TOKENS = 32768
+
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"
 TEMP_PREFIX = ".tmp-"  # atomic writes stage here; hidden from readers, removed at the start of a run
