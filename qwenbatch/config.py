@@ -139,7 +139,9 @@ class RunConfig(_Section):
     )
     gpus_per_replica: int = Field(default=1, ge=1)
     replicas: int | tuple[int, int] = Field(default=1, description="a fixed count, or [min, max] to autoscale")
-    cpu_concurrency: int | None = Field(default=None, ge=1, description="load actors at most; default: the cluster's CPUs the replicas leave free")
+    cpu_concurrency: int | None = Field(
+        default=None, ge=1, description="load actors at most; default: the cluster's CPUs the replicas leave free"
+    )
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     @field_validator("replicas", mode="before")
