@@ -9,10 +9,12 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from qwenbatch.config import ConfigError, load_config
+from qwenbatch.config import ConfigError, JobConfig, load_config
 from qwenbatch.read import ManifestError
 
 log = logging.getLogger("qwenbatch")
+
+DATE_HELP = "the day {date} and {date:%%Y/%%m/%%d} in input.path and output.path become: YYYY-MM-DD, today, yesterday"
 
 
 def _print_summary(output: str, summary: dict) -> None:
@@ -30,10 +32,17 @@ def _print_summary(output: str, summary: dict) -> None:
         print(f"  {item['count']:>6} x {item['error']}")
 
 
+def _job_config(args: argparse.Namespace) -> JobConfig:
+    """The validated config with `--date` rendered into its paths, after the overrides."""
+    from qwenbatch.dates import parse_date, with_date
+
+    return with_date(load_config(args.config, args.overrides), parse_date(args.date))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from qwenbatch.pipeline import run
 
-    config = load_config(args.config, args.overrides)
+    config = _job_config(args)
     result = run(config, force=args.force, max_error_rate=args.max_error_rate)
     if result.skipped:
         print(f"already complete: {result.output} (pass --force to run it again)")
@@ -64,8 +73,20 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:
-    print(json.dumps(load_config(args.config, args.overrides).model_dump(mode="json"), indent=2))
+    print(json.dumps(_job_config(args).model_dump(mode="json"), indent=2))
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from qwenbatch.status import FAILED, PARTIAL, NoRunError, format_status, read_status
+
+    try:
+        status = read_status(args.output)
+    except NoRunError as exc:
+        print(f"qwenbatch: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(status.as_dict(), indent=2) if args.json else format_status(status))
+    return 1 if status.state in (FAILED, PARTIAL) else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,12 +100,19 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-error-rate", type=float, default=None, help="exit non-zero when more than this share of rows failed"
     )
+    run.add_argument("--date", help=DATE_HELP)
     run.set_defaults(func=cmd_run)
 
     show = sub.add_parser("config", help="print the validated config with every default filled in")
     show.add_argument("config")
     show.add_argument("overrides", nargs="*")
+    show.add_argument("--date", help=DATE_HELP)
     show.set_defaults(func=cmd_show_config)
+
+    status = sub.add_parser("status", help="print an output's run state, rows by status, errors and throughput")
+    status.add_argument("output", help="the job's output.path")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_status)
 
     demo = sub.add_parser("demo", help="build a tiny model and sample images, run caption and vqa locally")
     demo.add_argument("--dir", help="folder for the model, images and output (default: a new temporary folder)")

@@ -27,6 +27,7 @@ from qwenbatch.write import (
     is_complete,
     read_summary,
     summarize_output,
+    withdraw_success,
     write_summary,
 )
 
@@ -199,6 +200,7 @@ def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None 
 
     sink = ShardSink(output, config.input.id_column)
     if todo:
+        withdraw_success(output)  # a forced run over a grown manifest: not complete until it says so
         ensure_ray()
         import ray
 

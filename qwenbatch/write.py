@@ -137,3 +137,11 @@ def read_summary(output: str) -> dict[str, Any] | None:
 def is_complete(output: str) -> bool:
     fs, base = storage.resolve(output)
     return storage.exists(fs, storage.join(base, schema.SUCCESS_FILE))
+
+
+def withdraw_success(output: str) -> None:
+    """A forced run that adds rows withdraws `_SUCCESS` first: if it dies, the next run must not skip."""
+    fs, base = storage.resolve(output)
+    path = storage.join(base, schema.SUCCESS_FILE)
+    if storage.exists(fs, path):
+        fs.delete_file(path)

@@ -1,0 +1,153 @@
+"""`qwenbatch status OUTPUT`: what an output folder says about its run, printed as a table.
+
+The state comes from the output folder alone, so it reads the same from any machine and on any
+storage, with no cluster to ask:
+
+- `running`: shards newer than `_summary.json`, or shards and no summary yet. A run becomes
+  visible once its first shard lands; a run that was killed looks the same until it is rerun,
+  so the table shows how long ago the last shard was written.
+- `succeeded`: `_SUCCESS` is present (it is written after the summary, only for a complete run).
+- `failed` / `partial`: the summary's verdict: too many failed rows for `--max-error-rate`, or rows
+  of the manifest still missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from qwenbatch import schema, storage
+from qwenbatch.write import read_summary, summarize_output
+
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+PARTIAL = "partial"
+FAILED = "failed"
+TOP_ERRORS_SHOWN = 5
+
+
+class NoRunError(ValueError):
+    """The folder holds neither shards nor a summary: no run has written there."""
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    output: str
+    state: str
+    summary: dict[str, Any] | None  # the last finished run's summary, when there is one
+    totals: dict[str, Any]  # rows by status, top errors, tokens: over the whole output
+    shards: int
+    last_write: datetime | None  # newest shard
+    summary_written: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        this_run = (self.summary or {}).get("this_run", {})
+        return {
+            "output": self.output,
+            "state": self.state,
+            "run_id": (self.summary or {}).get("run_id"),
+            "started": (self.summary or {}).get("started"),
+            "duration_s": (self.summary or {}).get("duration_s"),
+            "manifest_rows": (self.summary or {}).get("manifest_rows"),
+            "shards": self.shards,
+            "last_write": self.last_write.isoformat() if self.last_write else None,
+            "output_rows": self.totals,
+            "this_run": this_run,
+        }
+
+
+def _shard_times(fs: pafs.FileSystem, base: str) -> list[datetime]:
+    """Modification times of the output's data shards, from one listing of the folder."""
+    shards = set(storage.parquet_files(fs, base))
+    if not shards:
+        return []
+    listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return [info.mtime for info in listing if info.path in shards and info.mtime is not None]
+
+
+def _mtime(fs: pafs.FileSystem, path: str) -> datetime | None:
+    info = fs.get_file_info(path)
+    return info.mtime if info.type != pafs.FileType.NotFound else None
+
+
+def read_status(output: str) -> RunStatus:
+    """Decide the run's state by the rule in the module docstring; counts come from the summary
+    when it is current, else straight from the shards."""
+    fs, base = storage.resolve(output)
+    times = _shard_times(fs, base)
+    summary = read_summary(output)
+    summary_written = _mtime(fs, storage.join(base, schema.SUMMARY_FILE))
+    if not times and summary is None:
+        raise NoRunError(f"{output}: no run found (no shards, no {schema.SUMMARY_FILE})")
+    last_write = max(times) if times else None
+    if summary is None or (last_write and summary_written and last_write > summary_written):
+        state = RUNNING
+        totals = summarize_output(output, top_errors=TOP_ERRORS_SHOWN)
+    else:
+        complete = storage.exists(fs, storage.join(base, schema.SUCCESS_FILE))
+        state = SUCCEEDED if complete else (FAILED if summary.get("state") == FAILED else PARTIAL)
+        totals = summary.get("output", {})
+    return RunStatus(output, state, summary, totals, len(times), last_write, summary_written)
+
+
+def _ago(moment: datetime, now: datetime) -> str:
+    return f"{_duration((now - moment).total_seconds())} ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _rate(value: float | None, unit: str) -> str:
+    return f"{value:,.2f} {unit}/s" if value is not None else "-"
+
+
+def format_status(status: RunStatus, now: datetime | None = None) -> str:
+    """The table `qwenbatch status` prints."""
+    now = now or datetime.now(UTC)
+    summary = status.summary or {}
+    totals = status.totals
+    rows = totals.get("rows", 0)
+    lines = [f"{'output':<11}{status.output}", f"{'state':<11}{status.state}"]
+    if status.state == RUNNING:
+        lines.append(f"{'progress':<11}{rows:,} rows written so far, shards: {status.shards}")
+        if status.last_write:
+            lines.append(f"{'last write':<11}{_ago(status.last_write, now)}")
+    if summary:
+        prefix = "last run" if status.state == RUNNING else "run"
+        started = datetime.fromisoformat(summary["started"])
+        took = summary.get("duration_s") or 0
+        finished = started + timedelta(seconds=took)
+        lines.append(
+            f"{prefix:<11}{summary.get('run_id', '?')}: started {started:%Y-%m-%d %H:%M:%S %Z}, "
+            f"took {_duration(took)}, finished {_ago(finished, now)}"
+        )
+    if summary and status.state != RUNNING:
+        this_run = summary.get("this_run", {})
+        lines.append(
+            f"{'rows':<11}{rows:,} of {summary.get('manifest_rows', 0):,} in the manifest "
+            f"(this run {this_run.get('rows', 0):,}; {summary.get('skipped_done', 0):,} already done)"
+        )
+        lines.append(
+            f"{'throughput':<11}{_rate(this_run.get('images_per_s'), 'images')}, "
+            f"{_rate(this_run.get('output_tokens_per_s'), 'output tokens')} (this run)"
+        )
+    lines.append(f"{'tokens':<11}input {totals.get('input_tokens', 0):,}, output {totals.get('output_tokens', 0):,}")
+    counts = totals.get("status", {})
+    if counts:
+        width = max(len("rows"), *(len(f"{n:,}") for n in counts.values()))
+        lines += ["", f"{'status':<14}{'rows':>{width}}  {'share':>7}"]
+        for name in sorted(counts, key=lambda s: (s != schema.OK, -counts[s], s)):
+            share = counts[name] / rows if rows else 0.0
+            lines.append(f"{name:<14}{counts[name]:>{width},}  {share:>7.2%}")
+    errors = totals.get("top_errors", [])[:TOP_ERRORS_SHOWN]
+    if errors:
+        lines += ["", "top errors"]
+        lines += [f"{item['count']:>8,} x {item['error']}" for item in errors]
+    return "\n".join(lines)
