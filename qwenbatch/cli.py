@@ -9,7 +9,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from qwenbatch.config import ConfigError, JobConfig, load_config
+from qwenbatch.config import ConfigError, JobConfig, StorageConfig, load_config
 from qwenbatch.read import ManifestError
 
 log = logging.getLogger("qwenbatch")
@@ -65,6 +65,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qwenbatch.bench import markdown, run_bench
+
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="qwenbatch-bench-"))
+    results = run_bench(args.mode, folder, images=args.images, model=args.model)
+    print(markdown(results))
+    print(f"written: {folder / 'bench.json'} and {folder / 'bench.md'}")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from qwenbatch import storage
+    from qwenbatch.manifest import write_manifest
+
+    storage.configure(StorageConfig(endpoint_url=args.endpoint_url))
+    table = write_manifest(args.folder, args.output)
+    print(f"{table.num_rows} images, {sum(table.column('size').to_pylist())} bytes: {args.output}")
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from qwenbatch.tiny import build_tiny_model
 
@@ -87,6 +109,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(status.as_dict(), indent=2) if args.json else format_status(status))
     return 1 if status.state in (FAILED, PARTIAL) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qwenbatch import storage
+    from qwenbatch.report import write_report
+    from qwenbatch.status import NoRunError
+
+    storage.configure(StorageConfig(endpoint_url=args.endpoint_url))
+    try:
+        chosen = {name: getattr(args, name) for name in ("sample", "failed", "seed") if getattr(args, name) is not None}
+        size = write_report(args.output, args.out, **chosen)
+    except NoRunError as exc:
+        print(f"qwenbatch: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {args.out} ({size / 1e6:.2f} MB)")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,10 +152,32 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
 
+    report = sub.add_parser("report", help="write one self-contained HTML page: summary, plots, thumbnails")
+    report.add_argument("output", help="the job's output.path (a folder or an s3:// or gs:// prefix)")
+    report.add_argument("--out", default="report.html", help="the HTML file to write: a path or URI")
+    report.add_argument("--sample", type=int, help="how many ok rows the contact sheet shows at most")
+    report.add_argument("--failed", type=int, help="how many failed rows it shows at most")
+    report.add_argument("--seed", type=int, help="which rows the seeded sample draws")
+    report.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    report.set_defaults(func=cmd_report)
+
     demo = sub.add_parser("demo", help="build a tiny model and sample images, run caption and vqa locally")
     demo.add_argument("--dir", help="folder for the model, images and output (default: a new temporary folder)")
     demo.add_argument("--images", type=int, default=48)
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="qwenbatch against the plain transformers loop on the same images")
+    bench.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
+    bench.add_argument("--dir", help="folder for images, models and results (default: a new temporary folder)")
+    bench.add_argument("--images", type=int, default=None, help="default: 300 (cpu), 2000 (gpu)")
+    bench.add_argument("--model", default=None, help="a checkpoint instead of the built one (gpu: random 8B shape)")
+    bench.set_defaults(func=cmd_bench)
+
+    manifest = sub.add_parser("manifest", help="write a manifest (id, image, size) for a folder of images")
+    manifest.add_argument("folder", help="a local folder or an s3:// or gs:// prefix, walked at any depth")
+    manifest.add_argument("output", help="the manifest to write: a .parquet path or URI")
+    manifest.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    manifest.set_defaults(func=cmd_manifest)
 
     tiny = sub.add_parser("tiny-model", help="build and save the tiny random-weight Qwen3-VL checkpoint")
     tiny.add_argument("path")
