@@ -1,0 +1,30 @@
+"""The benchmark: its GPU model has the 8B shape, and a small CPU run produces its tables."""
+
+from __future__ import annotations
+
+import json
+
+from qwenbatch.bench import QWEN3_VL_8B_PARAMS, count_parameters, qwen3_vl_8b_config, run_bench
+
+
+def test_gpu_model_has_the_8b_shape():
+    """Built on the meta device: the exact parameter count, no memory."""
+    config = qwen3_vl_8b_config({"image_token_id": 267})
+    assert abs(count_parameters(config) - QWEN3_VL_8B_PARAMS) / QWEN3_VL_8B_PARAMS < 0.001
+    assert config.text_config.num_hidden_layers == 36 and config.vision_config.depth == 27
+    assert config.image_token_id == 267
+
+
+def test_cpu_bench_smoke(ray_local, tmp_path):
+    results = run_bench("cpu", tmp_path, images=8)
+    names = [row["name"] for row in results["end_to_end"]]
+    assert names == ["plain transformers loop (batch 4)", "qwenbatch", "qwenbatch (jpeg_draft)"]
+    for row in results["end_to_end"]:
+        assert row["images"] == 8 and row["seconds"] > 0 and row["peak_memory_bytes"] > 0
+        assert row["output_tokens"] == 8 * results["settings"]["max_new_tokens"]  # fixed output length
+    assert [row["task"] for row in results["tasks"]] == ["caption", "vqa", "document"]
+    assert len(results["load_stage"]) == 3 and results["load_stage"][0]["ratio"] == 1.0
+    assert results["ratio"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text())["mode"] == "cpu"
+    table = (tmp_path / "bench.md").read_text()
+    assert "| plain transformers loop (batch 4) | 8 |" in table and "| document | 4 |" in table
