@@ -14,12 +14,16 @@ import pyarrow as pa
 from qwenbatch import schema
 from qwenbatch.config import GenerationConfig, ModelConfig
 from qwenbatch.load import pixels_to_array
-from qwenbatch.rows import column_or_nulls, error_message, ok_mask, with_columns
+from qwenbatch.rows import RowError, column_or_nulls, error_message, ok_mask, with_columns
 
 log = logging.getLogger(__name__)
 
 THINK_END = "</think>"
 THINK_START = "<think>"
+
+
+class InferError(RowError):
+    """A row that failed in `generate` even alone; carries only the message, never the tensors."""
 
 
 @dataclass(frozen=True)
@@ -139,20 +143,25 @@ class Generator:
             )
         return outputs
 
-    def generate_resilient(self, chats: list[str], images: list) -> list[Output | BaseException]:
-        """Split a failing batch (out of memory or any error) in halves, down to single rows."""
+    def generate_resilient(self, chats: list[str], images: list) -> list[Output | InferError]:
+        """Split a failing batch (out of memory or any error) in halves, down to single rows.
+
+        The retry runs outside the `except` block: the failed call's traceback holds its tensors,
+        and the halves only fit once those are freed.
+        """
         try:
             return list(self.generate(chats, images))
         except Exception as exc:  # noqa: BLE001 - retried smaller, then recorded on the row
-            self._release_memory()
-            if len(chats) == 1:
-                log.warning("row failed in generate: %s", error_message(exc))
-                return [exc]
-            log.warning("batch of %d failed in generate (%s); retrying in halves", len(chats), error_message(exc))
-            half = len(chats) // 2
-            return self.generate_resilient(chats[:half], images[:half]) + self.generate_resilient(
-                chats[half:], images[half:]
-            )
+            failure = InferError(error_message(exc))
+        self._release_memory()
+        if len(chats) == 1:
+            log.warning("row failed in generate: %s", failure)
+            return [failure]
+        log.warning("batch of %d failed in generate (%s); retrying in halves", len(chats), failure)
+        half = len(chats) // 2
+        return self.generate_resilient(chats[:half], images[:half]) + self.generate_resilient(
+            chats[half:], images[half:]
+        )
 
     def _release_memory(self) -> None:
         import torch
@@ -172,7 +181,7 @@ class Generator:
             torch.from_numpy(pixels_to_array(pixels[i], widths[i], heights[i]).copy()).permute(2, 0, 1) for i in rows
         ]
         tokens = column_or_nulls(batch, schema.IMAGE_TOKENS)
-        results: dict[int, Output | BaseException] = {}
+        results: dict[int, Output | InferError] = {}
         for group in plan_batches([tokens[i] for i in rows], self.batch_size, self.max_batch_tokens):
             outputs = self.generate_resilient([chats[rows[g]] for g in group], [images[g] for g in group])
             results.update((rows[g], output) for g, output in zip(group, outputs, strict=True))
@@ -181,7 +190,7 @@ class Generator:
         statuses = column_or_nulls(batch, schema.STATUS)
         errors = column_or_nulls(batch, schema.ERROR)
         for index, result in results.items():
-            if isinstance(result, BaseException):
+            if isinstance(result, InferError):
                 statuses[index] = schema.INFER_ERROR
                 errors[index] = error_message(result)
                 continue
