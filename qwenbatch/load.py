@@ -11,6 +11,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from qwenbatch import schema
+from qwenbatch.config import StorageConfig
 from qwenbatch.rows import RowError, column_or_nulls, error_message, with_columns
 
 Image.MAX_IMAGE_PIXELS = None  # our own header check below is the bomb guard
@@ -28,10 +29,19 @@ class LoadLimits:
     max_source_pixels: int = schema.DEFAULT_MAX_SOURCE_PIXELS
     formats: tuple[str, ...] = schema.DEFAULT_FORMATS
     fetch_timeout_s: float = schema.DEFAULT_FETCH_TIMEOUT_S
+    fetch_retries: int = schema.DEFAULT_FETCH_RETRIES
+    fetch_backoff_s: float = schema.DEFAULT_FETCH_BACKOFF_S
+    max_redirects: int = schema.DEFAULT_MAX_REDIRECTS
+    allow_private_network: bool = False
+    storage: StorageConfig = StorageConfig()  # object-store endpoint and region, as the driver resolved them
 
 
 def fetch_bytes(location: str, limits: LoadLimits) -> bytes:
-    """Read a local image, refusing files over the byte limit before reading them."""
+    """Read a local image, refusing files over the byte limit before reading them; URIs go to `fetch`."""
+    if "://" in location and not location.startswith("file://"):
+        from qwenbatch.fetch import fetch  # it builds on this module
+
+        return fetch(location, limits)
     path = location.removeprefix("file://")
     try:
         size = os.path.getsize(path)

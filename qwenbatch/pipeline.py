@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
-from qwenbatch import schema
+from qwenbatch import schema, storage
 from qwenbatch.config import JobConfig, config_snapshot
 from qwenbatch.infer import Generator
 from qwenbatch.load import LoadLimits, load_batch
@@ -99,6 +99,11 @@ def limits_for(config: JobConfig) -> LoadLimits:
         max_source_pixels=image.max_source_pixels,
         formats=image.formats,
         fetch_timeout_s=image.fetch_timeout_s,
+        fetch_retries=image.fetch_retries,
+        fetch_backoff_s=image.fetch_backoff_s,
+        max_redirects=image.max_redirects,
+        allow_private_network=image.allow_private_network,
+        storage=storage.with_environment(config.storage),
     )
 
 
@@ -185,6 +190,7 @@ def ensure_ray() -> None:
 def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None = None) -> RunResult:
     """Run the job to completion over whatever the output does not hold yet."""
     output = config.output.path
+    storage.configure(config.storage)  # this process resolves manifest and output URIs with it
     if is_complete(output) and not force:
         log.warning("%s is already complete (_SUCCESS); skipping. Pass --force to run it again.", output)
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
@@ -205,7 +211,7 @@ def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None 
         import ray
 
         placement = Placement.for_cluster(config, ray.cluster_resources().get("GPU", 0))
-        dataset = read_manifest(manifest)
+        dataset = read_manifest(manifest, config.input)
         if len(done):
             dataset = dataset.map_batches(
                 skip_done,

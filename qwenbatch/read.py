@@ -33,10 +33,19 @@ class Manifest:
 
 
 def open_manifest(config: InputConfig) -> Manifest:
-    """Find the manifest files and check their schema and ids; cheap, it reads only the id column.
+    """Find the input and check it and its ids before any work; cheap, it reads ids, never images.
 
     Ids key resume and exactly-once output, so null, empty or repeated ids stop the job here.
     """
+    if config.format != "parquet":
+        from qwenbatch import sources  # WebDataset tars, Hugging Face datasets
+
+        return sources.open_input(config)
+    return open_parquet(config)
+
+
+def open_parquet(config: InputConfig) -> Manifest:
+    """Find the manifest files and check their schema and ids, reading only the id column."""
     try:
         fs, files = storage.expand(config.paths())
     except (OSError, ValueError) as exc:
@@ -70,7 +79,12 @@ def check_ids(ids: pa.ChunkedArray, column: str) -> None:
         raise ManifestError(f"{len(repeated)} ids appear more than once in {column!r}, e.g. {examples}")
 
 
-def read_manifest(manifest: Manifest):
+def read_manifest(manifest: Manifest, config: InputConfig):
+    """The input as a Ray dataset of manifest-like rows, one per image."""
+    if config.format != "parquet":
+        from qwenbatch import sources
+
+        return sources.read_input(manifest, config)
     import ray.data
 
     return ray.data.read_parquet(manifest.files, filesystem=manifest.filesystem)

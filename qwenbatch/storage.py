@@ -63,12 +63,6 @@ def split_uri(location: str) -> tuple[str, str]:
     return scheme.lower(), rest
 
 
-def is_uri(location: str) -> bool:
-    """A remote location (`s3://`, `https://`, ...); `file://` and plain paths are local."""
-    scheme, _ = split_uri(location)
-    return bool(scheme) and scheme != "file"
-
-
 @functools.cache
 def filesystem(scheme: str, options: StorageConfig, timeout_s: float | None = None) -> pafs.FileSystem:
     """One client per store and settings in each process: clients hold connection pools and credentials.

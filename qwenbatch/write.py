@@ -71,6 +71,7 @@ class ShardSink(Datasink):
     def __init__(self, output: str, id_column: str) -> None:
         self.output = output
         self.id_column = id_column
+        self.filesystem, self.base = storage.resolve(output)  # resolved here, on the driver: workers get its settings
         self.written: dict[str, Any] = _merge([])
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
@@ -79,9 +80,8 @@ class ShardSink(Datasink):
         if not tables:
             return {}
         table = pa.concat_tables(tables, promote_options="default")
-        fs, base = storage.resolve(self.output)
         storage.write_parquet_atomic(
-            fs, storage.join(base, shard_name(table.column(self.id_column).to_pylist())), table
+            self.filesystem, storage.join(self.base, shard_name(table.column(self.id_column).to_pylist())), table
         )
         return shard_stats(table)
 
