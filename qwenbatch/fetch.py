@@ -10,6 +10,7 @@ target checked again. Every failure is a LoadError whose one-line message become
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import random
@@ -148,8 +149,14 @@ def _connect(url: str, limits: LoadLimits, deadline: float) -> _PinnedConnection
     except ValueError:
         raise LoadError("invalid port in URL") from None
     address = _checked_address(parts.hostname, port, limits.allow_private_network)
-    tls = ssl.create_default_context() if scheme == "https" else None
+    tls = tls_context() if scheme == "https" else None
     return _PinnedConnection(parts.hostname, port, address, _remaining(deadline, limits), tls)
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One per process: building it loads the system CA store, tens of milliseconds."""
+    return ssl.create_default_context()
 
 
 def _exchange(connection: _PinnedConnection, url: str, limits: LoadLimits, deadline: float) -> http.client.HTTPResponse:

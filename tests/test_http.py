@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from qwenbatch import schema
-from qwenbatch.fetch import fetch
+from qwenbatch.fetch import fetch, tls_context
 from qwenbatch.load import Loader, LoadError, LoadLimits
 from qwenbatch.pipeline import limits_for, run
 from tests.helpers import encode, job_config, noise_image, read_output, write_manifest
@@ -85,9 +85,15 @@ def handler_for(site: Site) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that gave up (timeout, byte limit) breaks the pipe: expected here, not news."""
+
+
 def serve(site: Site, tls: ssl.SSLContext | None = None) -> Iterator[tuple[str, Site]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(site))
-    server.daemon_threads = True
+    server = QuietServer(("127.0.0.1", 0), handler_for(site))
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -225,6 +231,7 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(
 ) -> None:
     cert, key = self_signed(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust it, as a system CA bundle would
+    tls_context.cache_clear()  # the process's context is built once; rebuild it with this CA
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert, key)
     served = serve(Site(), tls)
@@ -241,4 +248,5 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(
         assert time.monotonic() - started < 1  # a bad certificate is final: no retries, no backoff
         assert site.hits["/img/0.png"] == 1
     finally:
+        tls_context.cache_clear()
         next(served, None)

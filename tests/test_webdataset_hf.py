@@ -91,6 +91,16 @@ def test_webdataset_problems_stop_the_job_before_any_work(
         open_manifest(InputConfig(path=str(tmp_path), format="webdataset"))
 
 
+def test_a_truncated_tar_stops_the_job_before_any_work(tmp_path: Path) -> None:
+    whole = write_tar(tmp_path / "whole.tar", [("a.png", image(0)), ("b.png", image(1))])
+    with tarfile.open(whole) as tar:
+        last = tar.getmembers()[-1]
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[: last.offset_data + last.size // 2])  # mid-member
+    whole.unlink()
+    with pytest.raises(ManifestError, match=r"cut.tar: not a readable tar archive: unexpected end of data"):
+        open_manifest(InputConfig(path=str(tmp_path), format="webdataset"))
+
+
 def test_saved_hf_dataset_gives_one_row_per_image(tiny_model: Path, ray_local, tmp_path: Path) -> None:
     import datasets
 
