@@ -5,16 +5,19 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
 from qwenbatch import schema
-from qwenbatch.config import StorageConfig
+from qwenbatch.config import ConfigError, StorageConfig
 from qwenbatch.rows import RowError, column_or_nulls, error_message, with_columns
 
 Image.MAX_IMAGE_PIXELS = None  # our own header check below is the bomb guard
+EXIF_ORIENTATION = 0x0112
+ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # the orientations that swap width and height
 
 
 class LoadError(RowError):
@@ -25,6 +28,7 @@ class LoadError(RowError):
 class LoadLimits:
     min_pixels: int
     max_pixels: int
+    allowed_prefixes: tuple[str, ...]  # normalised (see `allowed_roots`); rows elsewhere are never read
     max_bytes: int = schema.DEFAULT_MAX_BYTES
     max_source_pixels: int = schema.DEFAULT_MAX_SOURCE_PIXELS
     formats: tuple[str, ...] = schema.DEFAULT_FORMATS
@@ -34,11 +38,96 @@ class LoadLimits:
     max_redirects: int = schema.DEFAULT_MAX_REDIRECTS
     allow_private_network: bool = False
     storage: StorageConfig = StorageConfig()  # object-store endpoint and region, as the driver resolved them
+    jpeg_draft: bool = False
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def normalise_location(location: str) -> str:
+    """The canonical form the prefix check compares: what will really be read, not what the row says.
+
+    Local paths are made absolute with `..` and symlinks resolved. URIs get a lower-case scheme and
+    host (user info dropped); a `.` or `..` segment, raw or percent-encoded, is refused outright
+    because object stores keep it literally while web servers resolve it.
+    """
+    if not is_uri(location):
+        return os.path.realpath(location.removeprefix("file://"))
+    if "\\" in location:
+        raise LoadError("location contains a backslash")
+    parts = urlsplit(location)
+    if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
+        raise LoadError("location has a '.' or '..' path segment")
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        raise LoadError("location has an invalid port") from None
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme.lower()}://{parts.hostname or ''}{port}{parts.path}{query}"
+
+
+def is_under(normal: str, prefix: str) -> bool:
+    """Prefix match on whole path segments: `/data/a` holds `/data/a/x.jpg` but not `/data/ab.jpg`."""
+    if prefix.endswith("/"):
+        return normal.startswith(prefix)
+    return normal == prefix or normal.startswith(prefix + "/")
+
+
+def check_location(location: str, limits: LoadLimits) -> str:
+    """The location to read if it lies under an allowed prefix; a LoadError, before any I/O, if not.
+
+    Remote fetchers call this again for every redirect target.
+    """
+    normal = normalise_location(location)
+    if not any(is_under(normal, prefix) for prefix in limits.allowed_prefixes):
+        shown = ", ".join(limits.allowed_prefixes[:3]) + (", ..." if len(limits.allowed_prefixes) > 3 else "")
+        raise LoadError(f"location is outside image.allowed_prefixes ({shown or 'none'})")
+    return location if is_uri(location) else normal
+
+
+def allowed_roots(prefixes: tuple[str, ...] | None, manifests: list[str]) -> tuple[str, ...]:
+    """Normalised allowed prefixes; by default the folders the manifests live in, and below them.
+
+    Runs once on the driver. A manifest location is a file (its folder counts), a folder, or a glob
+    (the folder before the first wildcard counts).
+    """
+    if prefixes is not None:
+        return tuple(_normalise_root(prefix, "image.allowed_prefixes") for prefix in prefixes)
+    roots = []
+    for location in manifests:
+        wildcard = min((location.index(c) for c in "*?[" if c in location), default=None)
+        if wildcard is not None:
+            roots.append(_normalise_root(location[:wildcard].rsplit("/", 1)[0] or "/", "input.path"))
+        elif _is_file(location):
+            roots.append(_normalise_root(location, "input.path").rsplit("/", 1)[0] or "/")
+        else:
+            roots.append(_normalise_root(location, "input.path"))
+    return tuple(dict.fromkeys(roots))
+
+
+def _normalise_root(location: str, key: str) -> str:
+    try:
+        return normalise_location(location)
+    except LoadError as exc:
+        raise ConfigError(f"{key}: {location}: {exc}") from None
+
+
+def _is_file(location: str) -> bool:
+    from pyarrow.fs import FileType
+
+    from qwenbatch.storage import resolve
+
+    try:
+        fs, path = resolve(location)
+        return fs.get_file_info(path).type == FileType.File
+    except (OSError, ValueError):
+        return False
 
 
 def fetch_bytes(location: str, limits: LoadLimits) -> bytes:
     """Read a local image, refusing files over the byte limit before reading them; URIs go to `fetch`."""
-    if "://" in location and not location.startswith("file://"):
+    if is_uri(location):
         from qwenbatch.fetch import fetch  # it builds on this module
 
         return fetch(location, limits)
@@ -50,15 +139,15 @@ def fetch_bytes(location: str, limits: LoadLimits) -> bytes:
         with open(path, "rb") as handle:
             return handle.read(limits.max_bytes + 1)
     except FileNotFoundError:
-        raise LoadError(f"file not found: {location}") from None
+        raise LoadError("file not found") from None
     except IsADirectoryError:
-        raise LoadError(f"is a directory, not an image: {location}") from None
+        raise LoadError("is a directory, not an image") from None
     except PermissionError:
-        raise LoadError(f"permission denied: {location}") from None
+        raise LoadError("permission denied") from None
 
 
-def decode(data: bytes, limits: LoadLimits) -> Image.Image:
-    """Open from the header, check format and pixel count, and only then decode."""
+def open_checked(data: bytes, limits: LoadLimits) -> Image.Image:
+    """Open from the header only, and check size, format and pixel count before any decoding."""
     if not data:
         raise LoadError("empty file")
     if len(data) > limits.max_bytes:
@@ -67,6 +156,8 @@ def decode(data: bytes, limits: LoadLimits) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise LoadError("not a recognised image file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header cut short or corrupt
+        raise LoadError(f"cannot read the image header: {exc}") from None
     if image.format not in limits.formats:
         raise LoadError(f"format {image.format} is not allowed (allowed: {', '.join(limits.formats)})")
     width, height = image.size
@@ -75,10 +166,20 @@ def decode(data: bytes, limits: LoadLimits) -> Image.Image:
             f"image header claims {width}x{height} = {width * height} pixels, "
             f"over the limit of {limits.max_source_pixels} (decompression bomb guard)"
         )
+    return image
+
+
+def _load_pixels(image: Image.Image) -> None:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise LoadError(f"cannot decode {image.format}: {exc}") from None
+
+
+def decode(data: bytes, limits: LoadLimits) -> Image.Image:
+    """Check the header, then decode at full size."""
+    image = open_checked(data, limits)
+    _load_pixels(image)
     return image
 
 
@@ -101,65 +202,112 @@ class Resizer:
     """Resizes exactly as the checkpoint's own image processor would, so it need not resize again."""
 
     def __init__(self, model: str, revision: str | None, limits: LoadLimits) -> None:
-        from transformers.image_utils import SizeDict
-
         from qwenbatch.hub import load_processor
 
         self.image_processor = load_processor(model, revision).image_processor
         self.factor = self.image_processor.patch_size * self.image_processor.merge_size
-        self.size = SizeDict(shortest_edge=limits.min_pixels, longest_edge=limits.max_pixels)
+        self.min_pixels = limits.min_pixels
+        self.max_pixels = limits.max_pixels
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        import torch
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the model's rounding gives an image of this size: multiples of the patch."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-        chw = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
         try:
-            resized = self.image_processor.resize(
-                chw[None], size=self.size, resample=self.image_processor.resample, factor=self.factor
-            )[0]
+            new_height, new_width = smart_resize(
+                height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+            )
         except ValueError as exc:  # the model's own limit, e.g. aspect ratio over 200
-            raise LoadError(f"the model cannot take a {image.width}x{image.height} image: {exc}") from None
+            raise LoadError(f"the model cannot take a {width}x{height} image: {exc}") from None
+        return new_width, new_height
+
+    def __call__(self, image: Image.Image, target: tuple[int, int]) -> np.ndarray:
+        import torch
+        from transformers.image_processing_backends import TorchvisionBackend
+        from transformers.image_utils import SizeDict
+
+        chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # np.array: a writable copy, as the processor makes
+        width, height = target
+        # The processor's own resize step after its size rounding: same kernel, same antialiasing.
+        resized = TorchvisionBackend.resize(
+            self.image_processor,
+            chw[None],
+            SizeDict(height=height, width=width),
+            resample=self.image_processor.resample,
+        )[0]
         return resized.permute(1, 2, 0).contiguous().numpy()
 
 
-def load_batch(batch: pa.Table, *, model: str, revision: str | None, limits: LoadLimits, image_column: str) -> pa.Table:
-    """Add pixels, width, height, image_tokens, status and error for every row; never drop one."""
-    resize = Resizer(model, revision, limits)
-    locations = column_or_nulls(batch, image_column)
-    raw = column_or_nulls(batch, schema.IMAGE_BYTES)
-    pixels, widths, heights, tokens, statuses, errors = [], [], [], [], [], []
-    for location, data in zip(locations, raw, strict=True):
-        try:
-            if data is None and not location:
-                raise LoadError(f"row has neither {image_column!r} nor {schema.IMAGE_BYTES!r}")
-            image = to_rgb(decode(data if data is not None else fetch_bytes(location, limits), limits))
-            array = resize(image)
-        except Exception as exc:  # noqa: BLE001 - one bad image is one row's error, never the job's
-            pixels.append(None)
-            widths.append(None)
-            heights.append(None)
-            tokens.append(None)
-            statuses.append(schema.LOAD_ERROR)
-            errors.append(error_message(exc))
-            continue
-        height, width = array.shape[:2]
-        pixels.append(array.tobytes())
-        widths.append(width)
-        heights.append(height)
-        tokens.append(width * height // (resize.factor * resize.factor))
-        statuses.append(schema.OK)
-        errors.append(None)
-    return with_columns(
-        batch,
-        {
-            schema.PIXELS: pa.array(pixels, pa.large_binary()),
-            schema.WIDTH: pa.array(widths, pa.int32()),
-            schema.HEIGHT: pa.array(heights, pa.int32()),
-            schema.IMAGE_TOKENS: pa.array(tokens, pa.int32()),
-            schema.STATUS: pa.array(statuses, pa.string()),
-            schema.ERROR: pa.array(errors, pa.string()),
-        },
-    )
+def load_image(data: bytes, limits: LoadLimits, resize: Resizer) -> np.ndarray:
+    """Decode, orient, convert and resize one image to what the model will see.
+
+    The target size comes from the original (oriented) size, so a JPEG decoded at reduced
+    size with `jpeg_draft` still lands on the same target as a full decode.
+    """
+    image = open_checked(data, limits)
+    stored = image.size
+    try:  # PNG keeps EXIF after the pixels, so reading it decodes them: a corrupt file fails here
+        swapped = image.getexif().get(EXIF_ORIENTATION, 1) in ROTATED_ORIENTATIONS
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise LoadError(f"cannot decode {image.format}: {exc}") from None
+    target = resize.target(*(stored[::-1] if swapped else stored))
+    if limits.jpeg_draft and image.format == "JPEG":
+        image.draft("RGB", resize.target(*stored))  # the decoder's DCT scaling: 1/2, 1/4 or 1/8
+    _load_pixels(image)
+    return resize(to_rgb(image), target)
+
+
+class Loader:
+    """The load stage as a CPU actor that holds the checkpoint's image processor.
+
+    Its own actor pool keeps decoding a separate operator: Ray Data would fuse a task stage
+    into the GPU actor, and then the GPU would wait on PIL.
+    """
+
+    def __init__(self, *, model: str, revision: str | None, limits: LoadLimits, image_column: str) -> None:
+        self.resize = Resizer(model, revision, limits)
+        self.limits = limits
+        self.image_column = image_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Add pixels, width, height, image_tokens, status and error for every row; never drop one."""
+        limits, resize, image_column = self.limits, self.resize, self.image_column
+        locations = column_or_nulls(batch, image_column)
+        raw = column_or_nulls(batch, schema.IMAGE_BYTES)
+        pixels, widths, heights, tokens, statuses, errors = [], [], [], [], [], []
+        for location, data in zip(locations, raw, strict=True):
+            try:
+                if data is None and not location:
+                    raise LoadError(f"row has neither {image_column!r} nor {schema.IMAGE_BYTES!r}")
+                if data is None:
+                    data = fetch_bytes(check_location(location, limits), limits)
+                array = load_image(data, limits, resize)
+            except Exception as exc:  # noqa: BLE001 - one bad image is one row's error, never the job's
+                pixels.append(None)
+                widths.append(None)
+                heights.append(None)
+                tokens.append(None)
+                statuses.append(schema.LOAD_ERROR)
+                errors.append(error_message(exc))
+                continue
+            height, width = array.shape[:2]
+            pixels.append(array.tobytes())
+            widths.append(width)
+            heights.append(height)
+            tokens.append(width * height // (resize.factor * resize.factor))
+            statuses.append(schema.OK)
+            errors.append(None)
+        return with_columns(
+            batch,
+            {
+                schema.PIXELS: pa.array(pixels, pa.large_binary()),
+                schema.WIDTH: pa.array(widths, pa.int32()),
+                schema.HEIGHT: pa.array(heights, pa.int32()),
+                schema.IMAGE_TOKENS: pa.array(tokens, pa.int32()),
+                schema.STATUS: pa.array(statuses, pa.string()),
+                schema.ERROR: pa.array(errors, pa.string()),
+            },
+        )
 
 
 def pixels_to_array(data: bytes, width: int, height: int) -> np.ndarray:

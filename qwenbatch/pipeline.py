@@ -17,7 +17,7 @@ from typing import Any
 from qwenbatch import schema, storage
 from qwenbatch.config import JobConfig, config_snapshot
 from qwenbatch.infer import Generator
-from qwenbatch.load import LoadLimits, load_batch
+from qwenbatch.load import Loader, LoadLimits, allowed_roots
 from qwenbatch.prompt import prompt_batch
 from qwenbatch.read import Manifest, open_manifest, read_manifest, skip_done
 from qwenbatch.write import (
@@ -26,6 +26,7 @@ from qwenbatch.write import (
     finalize_batch,
     is_complete,
     read_summary,
+    remove_stale_temp,
     summarize_output,
     withdraw_success,
     write_summary,
@@ -79,15 +80,21 @@ class Placement:
 
     device: str
     gpus_per_replica: int
+    cpu_workers: int = 1  # the most load actors: decoding is the CPU work that must keep up
 
     @classmethod
-    def for_cluster(cls, config: JobConfig, cluster_gpus: float) -> Placement:
+    def for_cluster(cls, config: JobConfig, cluster_gpus: float, cluster_cpus: float = 1) -> Placement:
+        """GPU replicas when the cluster has the GPUs; load actors on the CPUs the replicas leave free."""
         wanted = config.run.device
-        if wanted == "cpu" or (wanted == "auto" and cluster_gpus < config.run.gpus_per_replica):
-            if wanted == "auto":
-                log.warning("no GPU in the Ray cluster: the model runs on CPU")
-            return cls(device="cpu", gpus_per_replica=0)
-        return cls(device="cuda", gpus_per_replica=config.run.gpus_per_replica)
+        replicas = config.run.replicas if isinstance(config.run.replicas, int) else config.run.replicas[1]
+        on_cpu = wanted == "cpu" or (wanted == "auto" and cluster_gpus < config.run.gpus_per_replica)
+        if on_cpu and wanted == "auto":
+            log.warning("no GPU in the Ray cluster: the model runs on CPU")
+        free_cpus = int(cluster_cpus) - (replicas if on_cpu else 0)
+        cpu_workers = config.run.cpu_concurrency or max(1, free_cpus)
+        if on_cpu:
+            return cls(device="cpu", gpus_per_replica=0, cpu_workers=cpu_workers)
+        return cls(device="cuda", gpus_per_replica=config.run.gpus_per_replica, cpu_workers=cpu_workers)
 
 
 def limits_for(config: JobConfig) -> LoadLimits:
@@ -95,6 +102,7 @@ def limits_for(config: JobConfig) -> LoadLimits:
     return LoadLimits(
         min_pixels=image.min_pixels,
         max_pixels=config.max_pixels(),
+        allowed_prefixes=allowed_roots(image.allowed_prefixes, config.input.paths()),
         max_bytes=image.max_bytes,
         max_source_pixels=image.max_source_pixels,
         formats=image.formats,
@@ -104,18 +112,18 @@ def limits_for(config: JobConfig) -> LoadLimits:
         max_redirects=image.max_redirects,
         allow_private_network=image.allow_private_network,
         storage=storage.with_environment(config.storage),
+        jpeg_draft=image.jpeg_draft,
     )
 
 
 def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[Stage]:
     model = config.model
-    cpu = config.run.cpu_concurrency
     limits = limits_for(config)
     return [
         Stage(
             "load",
-            load_batch,
-            concurrency=cpu,
+            Loader,
+            concurrency=(1, placement.cpu_workers),
             kwargs={
                 "model": model.name,
                 "revision": model.revision,
@@ -123,10 +131,10 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[S
                 "image_column": config.input.image_column,
             },
         ),
+        # Chat templating is microseconds a row: Ray Data fuses it into the infer actors.
         Stage(
             "prompt",
             prompt_batch,
-            concurrency=cpu,
             kwargs={"model": model.name, "revision": model.revision, "task": config.task},
         ),
         Stage(
@@ -143,6 +151,8 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[S
                 "max_pixels": limits.max_pixels,
                 "device": placement.device,
                 "gpus": max(1, placement.gpus_per_replica),
+                "batch_size": config.run.batch_size,
+                "max_batch_tokens": config.run.max_batch_tokens,
             },
         ),
         Stage(
@@ -196,6 +206,8 @@ def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None 
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
 
     manifest = open_manifest(config.input)  # job-level errors surface here, before Ray starts
+    if removed := remove_stale_temp(output):
+        log.info("removed %d temp files a killed run left in %s", removed, output)
     done = done_ids(output, config.input.id_column)
     todo = manifest.count_new(done)
     run_id = new_run_id()
@@ -210,7 +222,8 @@ def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None 
         ensure_ray()
         import ray
 
-        placement = Placement.for_cluster(config, ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        placement = Placement.for_cluster(config, resources.get("GPU", 0), resources.get("CPU", 1))
         dataset = read_manifest(manifest, config.input)
         if len(done):
             dataset = dataset.map_batches(
@@ -219,6 +232,9 @@ def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None 
                 batch_size=None,
                 fn_kwargs={"id_column": config.input.id_column, "done_holder": [ray.put(done)]},
             )
+        # A manifest file is read as one block and a block is one task: split it, or a single load
+        # task decodes the whole file while the other load actors, and the other nodes, wait.
+        dataset = dataset.repartition(target_num_rows_per_block=CPU_BATCH_ROWS)
         for stage in build_stages(config, placement, run_id):
             dataset = stage.apply(dataset)
         dataset.write_datasink(sink)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -97,6 +98,20 @@ def done_ids(output: str, id_column: str) -> pa.Array:
         return pa.array([], pa.string())
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[id_column])
     return pc.unique(pc.cast(table.column(id_column), pa.string()).combine_chunks())
+
+
+def remove_stale_temp(output: str) -> int:
+    """Delete temp files a killed writer left behind; readers skip them anyway, this only frees space.
+
+    Runs before any writer of this run starts; two runs writing one output at once are not supported.
+    """
+    fs, base = storage.resolve(output)
+    if not storage.is_local(fs) or not os.path.isdir(base):
+        return 0  # object stores publish whole objects only: they hold no temp files
+    stale = [entry.path for entry in os.scandir(base) if entry.is_file() and entry.name.startswith(schema.TEMP_PREFIX)]
+    for path in stale:
+        os.remove(path)
+    return len(stale)
 
 
 def summarize_output(output: str, top_errors: int = 10) -> dict[str, Any]:
