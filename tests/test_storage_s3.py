@@ -22,10 +22,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from qwenbatch import schema
+from qwenbatch import schema, storage
 from qwenbatch.cli import main
+from qwenbatch.config import InputConfig, StorageConfig
 from qwenbatch.load import Loader
 from qwenbatch.pipeline import limits_for, run
+from qwenbatch.read import open_manifest, read_manifest
 from tests.helpers import encode, job_config, noise_image
 
 # Credentials come from each process's environment, never the config. Set here, at collection,
@@ -99,6 +101,30 @@ def test_job_reads_from_and_writes_to_s3_and_resumes_there(
     assert (gone["status"], gone["error"]) == (schema.LOAD_ERROR, "not found in the object store")
     assert fs.get_file_info(f"{BUCKET}/out/{schema.SUCCESS_FILE}").type == pafs.FileType.File
     assert second.summary["output"]["status"] == {schema.OK: len(IMAGES), schema.LOAD_ERROR: 1}
+
+
+def test_webdataset_tars_on_s3(ray_local, s3: str, tmp_path: Path) -> None:
+    """Remote tars: keys listed by streaming the headers once, samples read by Ray through the same client."""
+    from tests.test_webdataset_hf import write_tar
+
+    tar = write_tar(tmp_path / "0.tar", [("k0.png", encode(noise_image(20, 20, 0), "PNG")), ("k0.txt", b"zero")])
+    fs = pafs.S3FileSystem(endpoint_override=s3)
+    put(fs, f"{BUCKET}/shards/0.tar", tar.read_bytes())
+    put(fs, f"{BUCKET}/shards/1.tar", write_tar(tmp_path / "1.tar", [("k1.jpg", b"not really")]).read_bytes())
+    config = InputConfig(path=f"s3://{BUCKET}/shards", format="webdataset")
+    storage.configure(StorageConfig(endpoint_url=s3))
+    try:
+        manifest = open_manifest(config)
+        rows = sorted(read_manifest(manifest, config).take_all(), key=lambda row: row["id"])
+    finally:
+        storage.configure(StorageConfig())
+
+    assert manifest.ids.to_pylist() == ["k0", "k1"]
+    assert [(row["id"], row["txt"], row[schema.SHARD]) for row in rows] == [
+        ("k0", "zero", f"{BUCKET}/shards/0.tar"),
+        ("k1", None, f"{BUCKET}/shards/1.tar"),
+    ]
+    assert rows[0][schema.IMAGE_BYTES][:4] == b"\x89PNG" and rows[1][schema.IMAGE_BYTES] == b"not really"
 
 
 class FailingStore(BaseHTTPRequestHandler):
