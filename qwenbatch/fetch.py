@@ -44,17 +44,15 @@ class Transient(Exception):
 def fetch(location: str, limits: LoadLimits) -> bytes:
     """The bytes at a URI, within the limits; a LoadError once the retries are spent."""
     scheme, _ = storage.split_uri(location)
-    attempt: Callable[[], bytes]
     if scheme in HTTP_SCHEMES:
-        attempt = lambda: _http_get(location, limits)  # noqa: E731
-    elif scheme in storage.S3_SCHEMES + storage.GCS_SCHEMES:
-        attempt = lambda: _object_get(location, limits)  # noqa: E731
-    else:
-        raise LoadError(f"unsupported location scheme {scheme}://")
-    return with_retries(attempt, limits)
+        return with_retries(functools.partial(_http_get, location, limits), limits)
+    if scheme in storage.S3_SCHEMES + storage.GCS_SCHEMES:
+        return with_retries(functools.partial(_object_get, location, limits), limits)
+    raise LoadError(f"unsupported location scheme {scheme}://")
 
 
 def with_retries(attempt: Callable[[], bytes], limits: LoadLimits) -> bytes:
+    """Try again after a Transient failure, up to `fetch_retries` times; any other error is final."""
     failures = 0
     while True:
         try:

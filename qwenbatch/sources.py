@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 from qwenbatch import schema, storage
 from qwenbatch.config import InputConfig
 from qwenbatch.read import Manifest, ManifestError, check_ids
+from qwenbatch.rows import with_columns
 
 # A member name splits into sample key and suffix at the first dot of its base name: the
 # WebDataset convention, and exactly how `ray.data.read_webdataset` groups members.
@@ -202,5 +203,4 @@ def split_image(table: pa.Table, image_column: str) -> pa.Table:
         data, location = column, pa.nulls(len(table), pa.string())
     else:
         return table  # a path or URI: the load stage fetches it
-    table = table.set_column(table.column_names.index(image_column), image_column, location)
-    return table.append_column(schema.IMAGE_BYTES, data)
+    return with_columns(table, {image_column: location, schema.IMAGE_BYTES: data})
