@@ -35,6 +35,7 @@ from qwenbatch.write import (
 log = logging.getLogger(__name__)
 
 CPU_BATCH_ROWS = 16  # rows per load/prompt task: small, so decoding streams into the GPU stage
+TASK_CPUS = 1  # left to the read, finalize and write tasks: actors holding every CPU would stall the job
 VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "pyarrow", "pillow")
 
 
@@ -81,6 +82,7 @@ class Placement:
     device: str
     gpus_per_replica: int
     cpu_workers: int = 1  # the most load actors: decoding is the CPU work that must keep up
+    loader_cpus: float = 1  # CPUs each load actor reserves; less than one only on the smallest clusters
 
     @classmethod
     def for_cluster(cls, config: JobConfig, cluster_gpus: float, cluster_cpus: float = 1) -> Placement:
@@ -90,11 +92,13 @@ class Placement:
         on_cpu = wanted == "cpu" or (wanted == "auto" and cluster_gpus < config.run.gpus_per_replica)
         if on_cpu and wanted == "auto":
             log.warning("no GPU in the Ray cluster: the model runs on CPU")
-        free_cpus = int(cluster_cpus) - (replicas if on_cpu else 0)
+        free_cpus = int(cluster_cpus) - (replicas if on_cpu else 0) - TASK_CPUS
         cpu_workers = config.run.cpu_concurrency or max(1, free_cpus)
+        loader_cpus = min(1, max(0, free_cpus) / cpu_workers)
         if on_cpu:
-            return cls(device="cpu", gpus_per_replica=0, cpu_workers=cpu_workers)
-        return cls(device="cuda", gpus_per_replica=config.run.gpus_per_replica, cpu_workers=cpu_workers)
+            return cls(device="cpu", gpus_per_replica=0, cpu_workers=cpu_workers, loader_cpus=loader_cpus)
+        gpus = config.run.gpus_per_replica
+        return cls(device="cuda", gpus_per_replica=gpus, cpu_workers=cpu_workers, loader_cpus=loader_cpus)
 
 
 def limits_for(config: JobConfig) -> LoadLimits:
@@ -123,6 +127,7 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[S
         Stage(
             "load",
             Loader,
+            num_cpus=placement.loader_cpus,
             concurrency=(1, placement.cpu_workers),
             kwargs={
                 "model": model.name,
