@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -33,15 +33,23 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(config: ModelConfig, device: str, gpus: int = 1) -> torch.nn.Module:
-    """Load the model for generation; with `gpus > 1`, accelerate shards it across them."""
-    from transformers import AutoModelForImageTextToText
-
+def load_kwargs(config: ModelConfig, device: str, gpus: int = 1) -> dict[str, Any]:
+    """`from_pretrained` arguments. With `gpus > 1` accelerate splits the layers over the GPUs Ray gave
+    the actor (its CUDA_VISIBLE_DEVICES); the vision tower and the embeddings come first, on the first
+    GPU, which is `model.device`, where the inputs go; accelerate's hooks move activations onward."""
     kwargs = dict(SAFE_LOAD, revision=config.revision, dtype=resolve_dtype(config.dtype, device))
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     if device.startswith("cuda") and gpus > 1:
         kwargs["device_map"] = "auto"
+    return kwargs
+
+
+def load_model(config: ModelConfig, device: str, gpus: int = 1) -> torch.nn.Module:
+    """Load the model for generation; with `gpus > 1`, accelerate shards it across them."""
+    from transformers import AutoModelForImageTextToText
+
+    kwargs = load_kwargs(config, device, gpus)
     model = AutoModelForImageTextToText.from_pretrained(config.name, **kwargs)
     if "device_map" not in kwargs:
         model = model.to(device)

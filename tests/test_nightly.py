@@ -13,7 +13,6 @@ from qwenbatch import schema
 from qwenbatch.cli import main
 from qwenbatch.config import ConfigError, load_config
 from qwenbatch.dates import parse_date, render, with_date
-from qwenbatch.pipeline import run
 from tests.helpers import job_config, read_output, write_images, write_manifest
 
 DAY = date(2026, 11, 25)
@@ -74,7 +73,13 @@ def _rows(images: list[Path], prefix: str) -> list[dict]:
 
 def _nightly_config(tmp_path: Path, model: Path) -> Path:
     """A config whose paths hold date templates, as a nightly cron line would use it."""
-    base = job_config(model, tmp_path / "in/{date}", tmp_path / "out/{date:%Y/%m/%d}", generation={"max_new_tokens": 4})
+    base = job_config(
+        model,
+        tmp_path / "in/{date}",
+        tmp_path / "out/{date:%Y/%m/%d}",
+        generation={"max_new_tokens": 4},
+        image={"allowed_prefixes": [str(tmp_path)]},
+    )
     path = tmp_path / "nightly.yaml"
     path.write_text(yaml.safe_dump(base.model_dump(mode="json")))
     return path
@@ -84,7 +89,7 @@ def _by_id(folder: Path) -> dict[str, dict]:
     return {row["id"]: row for row in read_output(folder).to_pylist()}
 
 
-def test_nightly_partition_skip_force_and_new_files(
+def test_nightly_partition_skipped_forced_and_resumed(
     tmp_path: Path, tiny_model: Path, ray_local, capsys: pytest.CaptureFixture
 ) -> None:
     images = write_images(tmp_path / "images", 7, sizes=SMALL)
@@ -96,6 +101,7 @@ def test_nightly_partition_skip_force_and_new_files(
     assert main(["run", config, "--date", "2026-11-25"]) == 0
     first = _by_id(out)
     assert sorted(first) == [f"d25a-{i}" for i in range(4)]  # that day's manifests only
+    assert {row["status"] for row in first.values()} == {schema.OK}
     assert not (tmp_path / "out/2026/11/26").exists()
     summary = json.loads((out / schema.SUMMARY_FILE).read_text())
     assert summary["state"] == "succeeded" and (out / schema.SUCCESS_FILE).exists()
@@ -115,27 +121,18 @@ def test_nightly_partition_skip_force_and_new_files(
     assert len(read_output(out)) == len(rows) == 7  # every id exactly once
     assert {i: rows[i]["run_id"] for i in first} == {i: summary["run_id"] for i in first}  # old rows untouched
     assert {rows[r["id"]]["run_id"] for r in new_rows} == {second["run_id"]}
-    assert rows["d25b-missing"]["status"] == schema.LOAD_ERROR
+    assert [rows[r["id"]]["status"] for r in new_rows] == [schema.OK, schema.OK, schema.LOAD_ERROR]
     # 1 failed row of 7 is over --max-error-rate: the forced run withdrew the old _SUCCESS and did not restore it.
     assert code == 1 and second["state"] == "failed"
     assert not (out / schema.SUCCESS_FILE).exists()
 
-
-def test_unfinished_partition_resumes(tmp_path: Path, tiny_model: Path, ray_local) -> None:
-    images = write_images(tmp_path / "images", 8, sizes=SMALL)
-    half = _rows(images[:3], "a") + [{"id": "a-missing", "image": str(tmp_path / "gone.jpg")}]
-    write_manifest(tmp_path / "in/part-0.parquet", half)
-    config = job_config(tiny_model, tmp_path / "in", tmp_path / "out", generation={"max_new_tokens": 4})
-
-    first = run(config, max_error_rate=0.0)  # one failed row: the partition stays unfinished
-    assert first.summary["state"] == "failed" and not (tmp_path / "out" / schema.SUCCESS_FILE).exists()
-
-    write_manifest(tmp_path / "in/part-1.parquet", _rows(images[4:], "b"))
-    second = run(config)  # no --force: an unfinished partition resumes
-    assert not second.skipped and second.summary["state"] == "succeeded"
-    assert (second.summary["this_run"]["rows"], second.summary["skipped_done"]) == (4, 4)
-    rows = _by_id(tmp_path / "out")
-    assert len(read_output(tmp_path / "out")) == len(rows) == 8
-    assert {r["run_id"] for i, r in rows.items() if i.startswith("a")} == {first.summary["run_id"]}
-    assert {r["run_id"] for i, r in rows.items() if i.startswith("b")} == {second.summary["run_id"]}
-    assert (tmp_path / "out" / schema.SUCCESS_FILE).exists()
+    # An unfinished partition resumes without --force: the next night's rerun runs only what is missing.
+    write_manifest(tmp_path / "in/2026-11-25/c.parquet", _rows(images[6:], "d25c"))
+    assert main(["run", config, "--date", "2026-11-25"]) == 0
+    third = json.loads((out / schema.SUMMARY_FILE).read_text())
+    assert (third["this_run"]["rows"], third["skipped_done"], third["state"]) == (1, 7, "succeeded")
+    rows = _by_id(out)
+    assert len(read_output(out)) == len(rows) == 8
+    assert rows["d25c-0"]["run_id"] == third["run_id"] and rows["d25c-0"]["status"] == schema.OK
+    assert {r["run_id"] for i, r in rows.items() if i != "d25c-0"} == {summary["run_id"], second["run_id"]}
+    assert (out / schema.SUCCESS_FILE).exists()
