@@ -164,6 +164,9 @@ BAD_CASES = {
 }
 
 
+NO_QUESTION = {"question-null": None, "question-blank": "   "}
+
+
 def write_cases(folder: Path) -> dict[str, str | None]:
     """Every case as a real file; id -> location (None: the row has no location at all)."""
     folder.mkdir(parents=True)
@@ -198,18 +201,22 @@ def write_cases(folder: Path) -> dict[str, str | None]:
 
 
 def test_every_case_is_one_row(tmp_path: Path, tiny_model: Path, ray_local) -> None:
+    """All cases in one vqa run; two good images lack their question (prompt_error)."""
     locations = write_cases(tmp_path / "images")
     assert set(locations) == set(OK_CASES) | set(BAD_CASES)
-    rows = [{"id": key, "image": location, "note": f"row {i}"} for i, (key, location) in enumerate(locations.items())]
+    rows = [
+        {"id": key, "image": location, "question": "What is this?", "note": f"row {i}"}
+        for i, (key, location) in enumerate(locations.items())
+    ]
+    rows += [{"id": key, "image": locations["good-png"], "question": q, "note": key} for key, q in NO_QUESTION.items()]
     manifest = write_manifest(tmp_path / "manifest.parquet", rows)
-    config = job_config(
-        tiny_model, manifest, tmp_path / "out", image={"max_bytes": MAX_BYTES, "formats": ["JPEG", "PNG"]}
-    )
+    image = {"max_bytes": MAX_BYTES, "formats": ["JPEG", "PNG"]}
+    config = job_config(tiny_model, manifest, tmp_path / "out", image=image, task={"kind": "vqa"})
 
     result = run(config)
 
     table = read_output(tmp_path / "out")
-    assert sorted(table.column("id").to_pylist()) == sorted(locations)  # one row per input, none twice
+    assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows)  # one row per input, none twice
     out = {row["id"]: row for row in table.to_pylist()}
     for key in OK_CASES:
         row = out[key]
@@ -221,33 +228,22 @@ def test_every_case_is_one_row(tmp_path: Path, tiny_model: Path, ray_local) -> N
         assert row["status"] == status, (key, row["error"])
         assert message in row["error"] and "\n" not in row["error"], (key, row["error"])
         assert row["text"] is None and row["width"] is None, key
+    for key in NO_QUESTION:
+        assert (out[key]["status"], out[key]["error"]) == (
+            schema.PROMPT_ERROR,
+            "vqa row has no question in column 'question'",
+        )
+        assert out[key]["width"] is not None and out[key]["text"] is None  # the image loaded; no prompt
     assert out["exif-rotated"]["height"] > out["exif-rotated"]["width"]  # stored 96x48, seen upright
-    assert all(out[key]["note"] == row["note"] for key, row in zip(locations, rows, strict=True))
+    assert all(out[row["id"]]["note"] == row["note"] for row in rows)  # other columns carried through
     assert not {schema.PIXELS, schema.CHAT, schema.IMAGE_BYTES} & set(table.column_names)
 
-    summary = result.summary
     assert result.succeeded  # bad rows are recorded, not fatal
-    assert summary["output"]["status"] == {schema.OK: len(OK_CASES), schema.LOAD_ERROR: len(BAD_CASES)}
-
-
-def test_vqa_without_question_is_a_prompt_error(tmp_path: Path, tiny_model: Path, ray_local) -> None:
-    image = tmp_path / "a.png"
-    image.write_bytes(encode(noise_image(48, 48, 1), "PNG"))
-    questions = {"asked": "What colour is it?", "null": None, "blank": "   "}
-    rows = [{"id": key, "image": str(image), "question": q} for key, q in questions.items()]
-    config = job_config(
-        tiny_model, write_manifest(tmp_path / "m.parquet", rows), tmp_path / "out", task={"kind": "vqa"}
-    )
-
-    run(config)
-
-    out = {row["id"]: row for row in read_output(tmp_path / "out").to_pylist()}
-    assert sorted(out) == sorted(questions)
-    assert out["asked"]["status"] == schema.OK and out["asked"]["text"] is not None
-    for key in ("null", "blank"):
-        assert out[key]["status"] == schema.PROMPT_ERROR
-        assert out[key]["error"] == "vqa row has no question in column 'question'"
-        assert out[key]["width"] is not None  # the image loaded; only the prompt was missing
+    assert result.summary["output"]["status"] == {
+        schema.OK: len(OK_CASES),
+        schema.LOAD_ERROR: len(BAD_CASES),
+        schema.PROMPT_ERROR: len(NO_QUESTION),
+    }
 
 
 # --- manifest checks: job-level errors before any work ------------------------------------------

@@ -25,6 +25,7 @@ from qwenbatch.pipeline import TASK_CPUS, VERSIONED, Placement
 from tests.helpers import encode, noise_image, read_output, write_images, write_manifest
 
 KILL_TIMEOUT_S = 300
+ROWS = 96  # enough that a kill at the first shard lands mid-run (shards land a few at a time)
 
 
 def write_job(path: Path, model: Path, manifest: Path, output: Path, **sections: dict) -> Path:
@@ -102,18 +103,32 @@ def test_error_rate_summary_and_reruns(tmp_path: Path, tiny_model: Path, ray_loc
 # --- SIGKILL mid-run, then the same command again --------------------------------------------------
 
 
-def ray_processes(marker: str) -> list[int]:
-    """Processes whose environment carries this run's private Ray temp dir: the killed job's own."""
+def ray_processes(marker: str, workers_only: bool = False) -> list[int]:
+    """Processes whose environment carries a run's private Ray temp dir: that job's own.
+
+    `workers_only`: those that run tasks and actors (Ray names them `ray::...`), the ones that could
+    still write a shard; a worker that was only starting when the raylet died exits by itself later.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
+                if not workers_only or (entry / "cmdline").read_bytes().startswith(b"ray::"):
+                    found.append(int(entry.name))
         except OSError:
             continue
     return found
+
+
+def wait_for_exit(marker: str, deadline: float, workers_only: bool = False) -> list[int]:
+    """The processes still there at the deadline, each killed then (only ever the killed job's own)."""
+    while (left := ray_processes(marker, workers_only)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def start_job(job: Path, ray_dir: str, log: Path) -> subprocess.Popen:
@@ -141,8 +156,8 @@ def test_small_local_ray_leaves_a_cpu_for_the_tasks(tmp_path: Path, tiny_model: 
 
 def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_model: Path) -> None:
     job_dir, out, log = tmp_path / "job", tmp_path / "out", tmp_path / "job.log"
-    paths = write_images(job_dir / "images", 96, sizes=[(64, 64), (96, 64), (64, 96)])
-    for part in range(24):  # many manifest files: many blocks, so shards land one by one
+    paths = write_images(job_dir / "images", ROWS, sizes=[(64, 64), (96, 64), (64, 96)])
+    for part in range(ROWS // 4):  # many manifest files: many blocks, so shards land one by one
         chunk = paths[part * 4 : (part + 1) * 4]
         write_manifest(job_dir / "manifests" / f"m{part:02d}.parquet", [{"id": p.stem, "image": str(p)} for p in chunk])
     job = write_job(
@@ -154,9 +169,10 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_m
         generation={"max_new_tokens": 16, "min_new_tokens": 16},
         run={"batch_size": 2},
     )
-    ray_dir = tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Private, short Ray temp dirs (Ray's socket paths have a length limit): one per run.
+    first_dir, second_dir = (tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp") for _ in range(2))
     try:
-        first = start_job(job, ray_dir, log)
+        first = start_job(job, first_dir, log)
         deadline = time.monotonic() + KILL_TIMEOUT_S
         while not list(out.glob("part-*.parquet")):
             assert first.poll() is None, f"the job ended before writing a shard:\n{log.read_text()[-3000:]}"
@@ -164,40 +180,38 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_m
             time.sleep(0.05)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-        deadline = time.monotonic() + 60
-        while (left := ray_processes(ray_dir)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in left:  # only the killed job's processes; reported below as a failure
-            os.kill(pid, signal.SIGKILL)
-        assert not left, f"the killed job left processes behind: {left}"
+        killed_at = time.monotonic()
+        assert not wait_for_exit(first_dir, killed_at + 30, workers_only=True), "workers outlived the kill"
 
         # What a reader sees after the kill: whole shards only, under their final names.
         before = read_output(out)
         for part in out.glob("part-*.parquet"):
             pq.read_table(part)
-        first_run_ids = set(before.column(schema.RUN_ID).to_pylist())
-        assert len(first_run_ids) == 1
+        assert len(set(before.column(schema.RUN_ID).to_pylist())) == 1
         done_before = dict(zip(before.column("id").to_pylist(), before.column(schema.RUN_ID).to_pylist(), strict=True))
-        assert 0 < len(done_before) < 96, f"the kill should land mid-run; {len(done_before)} of 96 rows were done"
+        assert 0 < len(done_before) < ROWS, f"the kill should land mid-run; {len(done_before)} rows were done"
         assert not (out / schema.SUMMARY_FILE).exists() and not (out / schema.SUCCESS_FILE).exists()
         stale = out / f"{schema.TEMP_PREFIX}0123-part-killed.parquet"
         stale.write_bytes(b"PAR1 half a file")  # what a writer killed mid-write leaves
         assert read_output(out).num_rows == len(done_before)  # readers skip it
 
-        second = start_job(job, ray_dir, log)
+        second = start_job(job, second_dir, log)
         assert second.wait(timeout=KILL_TIMEOUT_S) == 0, log.read_text()[-3000:]
+        # Nothing of the killed job outlives it for long: not even workers that were only starting.
+        assert not wait_for_exit(first_dir, killed_at + 60), "the killed job left processes behind"
+        assert not wait_for_exit(second_dir, time.monotonic() + 60), "a finished job left processes behind"
     finally:
-        for pid in ray_processes(ray_dir):
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(ray_dir, ignore_errors=True)
+        for ray_dir in (first_dir, second_dir):
+            wait_for_exit(ray_dir, 0)
+            shutil.rmtree(ray_dir, ignore_errors=True)
 
     after = read_output(out)
     ids = after.column("id").to_pylist()
-    assert len(ids) == 96 and set(ids) == {p.stem for p in paths}  # every row, exactly once
+    assert len(ids) == ROWS and set(ids) == {p.stem for p in paths}  # every row, exactly once
     summary = json.loads((out / schema.SUMMARY_FILE).read_text())
     assert summary["state"] == "succeeded" and (out / schema.SUCCESS_FILE).exists()
     assert summary["skipped_done"] == len(done_before)
-    assert summary["this_run"]["rows"] == 96 - len(done_before)
+    assert summary["this_run"]["rows"] == ROWS - len(done_before)
     run_ids = dict(zip(ids, after.column(schema.RUN_ID).to_pylist(), strict=True))
     assert {i: run_ids[i] for i in done_before} == done_before  # rows done before the kill were not redone
     assert {run_ids[i] for i in set(ids) - set(done_before)} == {summary["run_id"]}
