@@ -426,7 +426,14 @@ def model_flop_utilisation(measure: Measure, params: float, seconds_per_peak: fl
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"## qwenbatch benchmark ({results['mode']} mode, {results['machine']})", ""]
+    settings = results["settings"]
+    lines = [
+        f"## qwenbatch benchmark ({results['mode']} mode, {results['machine']})",
+        "",
+        f"{settings['images']} images, {settings['max_new_tokens']} new tokens each (fixed), "
+        f"pixel budget {settings['max_pixels'] // schema.PIXELS_PER_TOKEN} visual tokens, {settings['dtype']}",
+        "",
+    ]
     lines += ["| run | images | seconds | images/s | output tokens/s | vs plain | peak memory (GiB) |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     plain = results["end_to_end"][0]["images_per_s"]
@@ -459,12 +466,19 @@ def machine() -> str:
     return f"CPU, {os.cpu_count()} cores"
 
 
-def run_bench(mode_name: str, folder: Path, images: int | None = None, model: str | None = None) -> dict[str, Any]:
+def run_bench(
+    mode_name: str,
+    folder: Path,
+    images: int | None = None,
+    model: str | None = None,
+    max_pixels: int | None = None,
+) -> dict[str, Any]:
     """Run both contenders on the same images; write bench.json and bench.md into `folder`."""
     from qwenbatch.tiny import build_tiny_model
 
     base = CPU if mode_name == "cpu" else GPU
-    mode = Mode(**(asdict(base) | ({"images": images} if images else {})))
+    changes = {"images": images, "max_pixels": max_pixels}
+    mode = Mode(**(asdict(base) | {key: value for key, value in changes.items() if value}))
     folder.mkdir(parents=True, exist_ok=True)
     tiny = build_tiny_model(folder / "tiny-model")
     if mode.name == "gpu":

@@ -71,7 +71,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qwenbatch.bench import markdown, run_bench
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="qwenbatch-bench-"))
-    results = run_bench(args.mode, folder, images=args.images, model=args.model)
+    results = run_bench(args.mode, folder, images=args.images, model=args.model, max_pixels=args.max_pixels)
     print(markdown(results))
     print(f"written: {folder / 'bench.json'} and {folder / 'bench.md'}")
     return 0
@@ -171,6 +171,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--dir", help="folder for images, models and results (default: a new temporary folder)")
     bench.add_argument("--images", type=int, default=None, help="default: 300 (cpu), 2000 (gpu)")
     bench.add_argument("--model", default=None, help="a checkpoint instead of the built one (gpu: random 8B shape)")
+    bench.add_argument("--max-pixels", type=int, default=None, help="pixel budget (default: the job default)")
     bench.set_defaults(func=cmd_bench)
 
     manifest = sub.add_parser("manifest", help="write a manifest (id, image, size) for a folder of images")
