@@ -53,10 +53,8 @@ def read_output(folder: Path | str) -> pa.Table:
     return pads.dataset(str(folder), format="parquet").to_table()
 
 
-def job_config(model: Path, manifest: Path | str, output: Path | str, **sections: dict[str, Any]):
-    """A CPU job config for the tiny model; `sections` override or extend each config section."""
-    from qwenbatch.config import JobConfig
-
+def job_data(model: Path, manifest: Path | str, output: Path | str, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A CPU job config for the tiny model, as plain data; `sections` override or extend each section."""
     data: dict[str, Any] = {
         "model": {"name": str(model), "dtype": "float32"},
         "task": {"kind": "caption"},
@@ -68,4 +66,11 @@ def job_config(model: Path, manifest: Path | str, output: Path | str, **sections
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
-    return JobConfig.model_validate(data)
+    return data
+
+
+def job_config(model: Path, manifest: Path | str, output: Path | str, **sections: dict[str, Any]):
+    """The validated config of `job_data`."""
+    from qwenbatch.config import JobConfig
+
+    return JobConfig.model_validate(job_data(model, manifest, output, **sections))

@@ -22,7 +22,7 @@ from qwenbatch import schema
 from qwenbatch.cli import main
 from qwenbatch.config import load_config
 from qwenbatch.pipeline import TASK_CPUS, VERSIONED, Placement
-from tests.helpers import encode, noise_image, read_output, write_images, write_manifest
+from tests.helpers import encode, job_data, noise_image, read_output, write_images, write_manifest
 
 KILL_TIMEOUT_S = 300
 ROWS = 96  # enough that a kill at the first shard lands mid-run (shards land a few at a time)
@@ -30,17 +30,7 @@ ROWS = 96  # enough that a kill at the first shard lands mid-run (shards land a 
 
 def write_job(path: Path, model: Path, manifest: Path, output: Path, **sections: dict) -> Path:
     """A YAML job config as a user writes one: the CLI reads it, as it would in a nightly job."""
-    data = {
-        "model": {"name": str(model), "dtype": "float32"},
-        "generation": {"max_new_tokens": 8},
-        "image": {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 64},
-        "input": {"path": str(manifest)},
-        "output": {"path": str(output)},
-        "run": {"batch_size": 4, "device": "cpu"},
-    }
-    for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
-    path.write_text(json.dumps(data))  # JSON is YAML
+    path.write_text(json.dumps(job_data(model, manifest, output, **sections)))  # JSON is YAML
     return path
 
 
