@@ -441,12 +441,19 @@ def svg_histogram(hist: Histogram, xlabel: str, width: int = 460, height: int = 
             f'<rect x="{left + index * step + 0.5:.1f}" y="{top + plot_h - bar:.1f}" width="{max(step - 1, 1):.1f}" '
             f'height="{bar:.1f}" fill="{ACCENT}"><title>{span}: {count:,} rows</title></rect>'
         )
-    baseline = top + plot_h
-    body.append(f'<text x="{left}" y="{baseline + 14}" text-anchor="start">{hist.edges[0]:,}</text>')
-    body.append(f'<text x="{left + plot_w}" y="{baseline + 14}" text-anchor="end">{hist.edges[-1] - 1:,}</text>')
-    body.append(f'<text x="{left - 4}" y="{top + 10}" text-anchor="end">{peak:,}</text>')
-    body.append(f'<text x="{left - 4}" y="{baseline}" text-anchor="end">0</text>')
+    _axis_ends(body, left, plot_w, top, plot_h, f"{hist.edges[0]:,}", f"{hist.edges[-1] - 1:,}", f"{peak:,}")
     return _svg(width, height, body, f"histogram of {xlabel}")
+
+
+def _axis_ends(
+    body: list[str], left: float, plot_w: float, top: float, plot_h: float, x_low: str, x_high: str, y_top: str
+) -> None:
+    """Label both ends of each axis; the y axis starts at 0."""
+    baseline = top + plot_h
+    body.append(f'<text x="{left}" y="{baseline + 14}" text-anchor="start">{x_low}</text>')
+    body.append(f'<text x="{left + plot_w}" y="{baseline + 14}" text-anchor="end">{x_high}</text>')
+    body.append(f'<text x="{left - 4}" y="{top + 10}" text-anchor="end">{y_top}</text>')
+    body.append(f'<text x="{left - 4}" y="{baseline}" text-anchor="end">0</text>')
 
 
 def svg_line(points: list[tuple[float, int]], xlabel: str, ylabel: str, width: int = 460, height: int = 200) -> str:
@@ -464,11 +471,7 @@ def svg_line(points: list[tuple[float, int]], xlabel: str, ylabel: str, width: i
             f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{ACCENT}">'
             f"<title>{rows:,} rows after {seconds:,.1f} s</title></circle>"
         )
-    baseline = top + plot_h
-    body.append(f'<text x="{left}" y="{baseline + 14}" text-anchor="start">0</text>')
-    body.append(f'<text x="{left + plot_w}" y="{baseline + 14}" text-anchor="end">{_fmt(x_top)}</text>')
-    body.append(f'<text x="{left - 4}" y="{top + 10}" text-anchor="end">{y_top:,}</text>')
-    body.append(f'<text x="{left - 4}" y="{baseline}" text-anchor="end">0</text>')
+    _axis_ends(body, left, plot_w, top, plot_h, "0", _fmt(x_top), f"{y_top:,}")
     return _svg(width, height, body, f"{ylabel} over {xlabel}")
 
 
