@@ -7,6 +7,7 @@ benchmarks construct and call it directly, without Ray.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -85,10 +86,15 @@ class Generator:
         gpus: int = 1,
         batch_size: int = schema.DEFAULT_BATCH_SIZE,
         max_batch_tokens: int = schema.DEFAULT_MAX_BATCH_TOKENS,
+        cpu_threads: int | None = None,
     ) -> None:
+        import torch
+
         from qwenbatch.hub import load_model, load_processor
 
         self.device = pick_device(device)
+        if self.device == "cpu" and cpu_threads:
+            torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
         self.processor = load_processor(model.name, model.revision)
         self.model = load_model(model, self.device, gpus)
         self.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}

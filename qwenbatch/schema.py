@@ -102,6 +102,9 @@ DATE_FORMAT = "%Y-%m-%d"
 # Batching in the infer stage: rows per generate call, and rows x longest row in image tokens.
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_BATCH_TOKENS = 32768
+# The infer stage takes this many batches' rows at a time and groups them by image tokens: a
+# window of one batch would leave nothing to group, and every batch padded to its largest image.
+SORT_WINDOW_BATCHES = 4
 
 SUMMARY_FILE = "_summary.json"
 SUCCESS_FILE = "_SUCCESS"

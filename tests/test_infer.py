@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 
 from qwenbatch import schema
@@ -76,3 +78,17 @@ def test_batching_does_not_change_results(tiny_model):
         assert got.column("id").to_pylist() == batch.column("id").to_pylist()
         assert schema.PIXELS not in got.column_names and schema.CHAT not in got.column_names
     assert all(status == schema.OK for status in expected.column(schema.STATUS).to_pylist())
+
+
+def test_cpu_replica_sets_its_torch_threads(tiny_model):
+    """Ray starts every worker with one OpenMP thread; a replica on CPU takes the cores it was given."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Generator(ModelConfig(name=str(tiny_model)), GenerationConfig(), 32 * 32 * 4, 32 * 32 * 64, device="cpu",
+                  cpu_threads=2)  # fmt: skip
+        assert torch.get_num_threads() == min(2, os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
