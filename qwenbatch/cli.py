@@ -169,7 +169,7 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="qwenbatch against the plain transformers loop on the same images")
     bench.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
     bench.add_argument("--dir", help="folder for images, models and results (default: a new temporary folder)")
-    bench.add_argument("--images", type=int, default=None, help="default: 300 (cpu), 2000 (gpu)")
+    bench.add_argument("--images", type=int, default=None, help="default: 1000 (cpu), 2000 (gpu)")
     bench.add_argument("--model", default=None, help="a checkpoint instead of the built one (gpu: random 8B shape)")
     bench.add_argument("--max-pixels", type=int, default=None, help="pixel budget (default: the job default)")
     bench.set_defaults(func=cmd_bench)

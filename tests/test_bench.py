@@ -22,9 +22,11 @@ def test_cpu_bench_smoke(ray_local, tmp_path):
     for row in results["end_to_end"]:
         assert row["images"] == 8 and row["seconds"] > 0 and row["peak_memory_bytes"] > 0
         assert row["output_tokens"] == 8 * results["settings"]["max_new_tokens"]  # fixed output length
+        assert 0 < row["first_output_s"] <= row["seconds"] and 0 < row["first_output_rows"] <= 8
     assert [row["task"] for row in results["tasks"]] == ["caption", "vqa", "document"]
     assert len(results["load_stage"]) == 3 and results["load_stage"][0]["ratio"] == 1.0
     assert results["ratio"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["mode"] == "cpu"
     table = (tmp_path / "bench.md").read_text()
     assert "| plain transformers loop (batch 4) | 8 |" in table and "| document | 4 |" in table
+    assert "| first output (s) | images/s after it |" in table
