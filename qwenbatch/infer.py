@@ -63,6 +63,42 @@ def plan_batches(tokens: list[int], batch_size: int, max_batch_tokens: int) -> l
     return groups
 
 
+def free_cores(cores: int, busy_s: float, own_s: float, wall_s: float) -> int:
+    """Cores this process may compute on: all but those other processes kept busy over the last interval."""
+    others = max(0.0, busy_s - own_s) / wall_s if wall_s > 0 else 0.0
+    return max(1, min(cores, round(cores - others)))
+
+
+class CoreShare:
+    """Torch threads for a replica on CPU, renewed before each batch.
+
+    The load actors share the node's cores: threads that compete with them for a core wait on each
+    other at every barrier, so the replica computes on the cores they leave free, and on all of
+    them once loading is done.
+    """
+
+    def __init__(self, cores: int) -> None:
+        self.cores = cores
+        self.last = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        import time
+
+        import psutil
+
+        system = psutil.cpu_times()
+        busy = sum(system) - system.idle - getattr(system, "iowait", 0.0)
+        own = psutil.Process().cpu_times()
+        return busy, own.user + own.system, time.monotonic()
+
+    def threads(self) -> int:
+        now = self._sample()
+        busy, own, wall = (a - b for a, b in zip(now, self.last, strict=True))
+        self.last = now
+        return free_cores(self.cores, busy, own, wall)
+
+
 def pick_device(device: str) -> str:
     import torch
 
@@ -88,13 +124,10 @@ class Generator:
         max_batch_tokens: int = schema.DEFAULT_MAX_BATCH_TOKENS,
         cpu_threads: int | None = None,
     ) -> None:
-        import torch
-
         from qwenbatch.hub import load_model, load_processor
 
         self.device = pick_device(device)
-        if self.device == "cpu" and cpu_threads:
-            torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
+        self.cores = CoreShare(min(cpu_threads, os.cpu_count() or 1)) if self.device == "cpu" and cpu_threads else None
         self.processor = load_processor(model.name, model.revision)
         self.model = load_model(model, self.device, gpus)
         self.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
@@ -189,6 +222,8 @@ class Generator:
         tokens = column_or_nulls(batch, schema.IMAGE_TOKENS)
         results: dict[int, Output | InferError] = {}
         for group in plan_batches([tokens[i] for i in rows], self.batch_size, self.max_batch_tokens):
+            if self.cores:
+                torch.set_num_threads(self.cores.threads())
             outputs = self.generate_resilient([chats[rows[g]] for g in group], [images[g] for g in group])
             results.update((rows[g], output) for g, output in zip(group, outputs, strict=True))
         n = batch.num_rows

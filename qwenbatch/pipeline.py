@@ -36,9 +36,6 @@ log = logging.getLogger(__name__)
 
 CPU_BATCH_ROWS = 16  # rows per load/prompt task: small, so decoding streams into the GPU stage
 TASK_CPUS = 1  # left to the read, finalize and write tasks: actors holding every CPU would stall the job
-# A CPU replica's torch threads share the cores with the load actors: waiting threads that spin
-# on those cores slow both (measured 2.9 s against 2.0 s per 96 images with one core busy).
-CPU_REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 WRITE_CPUS = 0.1  # finalize and write are I/O: more would wait on the budget Ray Data gives each operator
 VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "pyarrow", "pillow")
 
@@ -54,7 +51,6 @@ class Stage:
     concurrency: int | tuple[int, int] | None = None
     batch_size: int | None = CPU_BATCH_ROWS
     kwargs: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)  # set before the worker imports anything
 
     def compute(self) -> Any:
         """Actors for a class (Ray Data restarts dead ones and retries their batches), tasks otherwise."""
@@ -77,7 +73,6 @@ class Stage:
             compute=self.compute(),
             fn_constructor_kwargs=self.kwargs if is_class else None,
             fn_kwargs=None if is_class else self.kwargs,
-            runtime_env={"env_vars": self.env} if self.env else None,
         )
 
 
@@ -89,7 +84,7 @@ class Placement:
     gpus_per_replica: int
     cpu_workers: int = 1  # the most load actors: decoding is the CPU work that must keep up
     loader_cpus: float = 1  # CPUs each load actor reserves; less than one only on the smallest clusters
-    cpu_threads: int = 1  # torch threads of a replica on CPU: Ray's one reserved CPU would leave the rest idle
+    cpu_threads: int = 1  # most torch threads of a replica on CPU: Ray's one reserved CPU would leave the rest idle
 
     @classmethod
     def for_cluster(cls, config: JobConfig, cluster_gpus: float, cluster_cpus: float = 1) -> Placement:
@@ -131,7 +126,6 @@ def limits_for(config: JobConfig) -> LoadLimits:
 def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[Stage]:
     model = config.model
     limits = limits_for(config)
-    replica_env = CPU_REPLICA_ENV if placement.device == "cpu" else {}
     return [
         Stage(
             "load",
@@ -145,13 +139,11 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[S
                 "image_column": config.input.image_column,
             },
         ),
-        # Chat templating is microseconds a row: Ray Data fuses it into the infer actors, which
-        # it does only while both ask for the same worker environment.
+        # Chat templating is microseconds a row: Ray Data fuses it into the infer actors.
         Stage(
             "prompt",
             prompt_batch,
             kwargs={"model": model.name, "revision": model.revision, "task": config.task},
-            env=replica_env,
         ),
         Stage(
             "infer",
@@ -171,7 +163,6 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[S
                 "batch_size": config.run.batch_size,
                 "max_batch_tokens": config.run.max_batch_tokens,
             },
-            env=replica_env,
         ),
         Stage(
             "finalize",

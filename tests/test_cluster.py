@@ -241,21 +241,14 @@ def test_large_model_config_shards_one_model_over_two_gpus() -> None:
 
 
 def test_cpu_replica_computes_on_the_cores_and_infer_sorts_a_window(tmp_path: Path) -> None:
-    """A replica on CPU runs torch on its share of the cores, and waits without spinning on them;
-    the infer stage takes several batches' rows at once, so grouping by image tokens has rows to group."""
+    """A replica on CPU may run torch on its share of the cores; the infer stage takes several
+    batches' rows at once, so grouping by image tokens has rows to group."""
     config = job_config(Path("/models/tiny"), tmp_path / "m.parquet", tmp_path / "out", run={"batch_size": 4})
     on_cpu = Placement.for_cluster(config, cluster_gpus=0, cluster_cpus=8)
     assert on_cpu.cpu_threads == 8
-    stages = {stage.name: stage for stage in build_stages(config, on_cpu, "run")}
-    infer = stages["infer"]
-    assert infer.kwargs["cpu_threads"] == 8 and infer.env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert stages["prompt"].env == infer.env  # Ray Data fuses prompt into the replica only when they match
+    infer = next(stage for stage in build_stages(config, on_cpu, "run") if stage.name == "infer")
+    assert infer.kwargs["cpu_threads"] == 8
     assert infer.batch_size == 4 * schema.SORT_WINDOW_BATCHES and infer.kwargs["batch_size"] == 4
 
     two = job_config(Path("/models/tiny"), tmp_path / "m.parquet", tmp_path / "out", run={"replicas": 2})
     assert Placement.for_cluster(two, cluster_gpus=0, cluster_cpus=8).cpu_threads == 4
-
-    auto = job_config(Path("/models/tiny"), tmp_path / "m.parquet", tmp_path / "out", run={"device": "auto"})
-    on_gpu = Placement.for_cluster(auto, cluster_gpus=1, cluster_cpus=8)
-    infer = next(stage for stage in build_stages(config, on_gpu, "run") if stage.name == "infer")
-    assert on_gpu.device == "cuda" and infer.env == {}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 
 from qwenbatch import schema
 from qwenbatch.config import GenerationConfig, ModelConfig
-from qwenbatch.infer import Generator, plan_batches, split_reasoning
+from qwenbatch.infer import CoreShare, Generator, free_cores, plan_batches, split_reasoning
 from tests.helpers import noise_image
 
 
@@ -80,15 +82,22 @@ def test_batching_does_not_change_results(tiny_model):
     assert all(status == schema.OK for status in expected.column(schema.STATUS).to_pylist())
 
 
-def test_cpu_replica_sets_its_torch_threads(tiny_model):
-    """Ray starts every worker with one OpenMP thread; a replica on CPU takes the cores it was given."""
-    import torch
+def test_free_cores_leaves_the_cores_others_use():
+    assert free_cores(2, busy_s=2.0, own_s=1.0, wall_s=1.0) == 1  # a load actor kept one core busy
+    assert free_cores(2, busy_s=1.9, own_s=1.8, wall_s=1.0) == 2  # only this replica computed
+    assert free_cores(4, busy_s=8.0, own_s=0.0, wall_s=1.0) == 1  # never below one thread
+    assert free_cores(2, busy_s=0.0, own_s=0.0, wall_s=0.0) == 2
 
-    before = torch.get_num_threads()
+
+def test_core_share_sees_a_busy_process():
+    """A process spinning on one core leaves this one the other, measured from the system's counters."""
+    share = CoreShare(2)
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        torch.set_num_threads(1)
-        Generator(ModelConfig(name=str(tiny_model)), GenerationConfig(), 32 * 32 * 4, 32 * 32 * 64, device="cpu",
-                  cpu_threads=2)  # fmt: skip
-        assert torch.get_num_threads() == min(2, os.cpu_count() or 1)
+        time.sleep(1.0)
+        share.threads()  # the interval that includes the burner's start
+        time.sleep(1.0)
+        assert share.threads() == 1
     finally:
-        torch.set_num_threads(before)
+        burner.kill()
+        burner.wait()
