@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -89,15 +90,26 @@ def test_free_cores_leaves_the_cores_others_use():
     assert free_cores(2, busy_s=0.0, own_s=0.0, wall_s=0.0) == 2
 
 
-def test_core_share_sees_a_busy_process():
-    """A process spinning on one core leaves this one the other, measured from the system's counters."""
-    share = CoreShare(2)
+def test_cpu_replica_computes_on_the_cores_others_leave_free(tiny_model):
+    """With another process spinning on a core, a replica given 2 cores runs its batches on 1 thread:
+    free_cores over the system's own counters, applied before each generate batch."""
+    import torch
+
+    model = ModelConfig(name=str(tiny_model), dtype="float32")
+    generator = Generator(model, GenerationConfig(max_new_tokens=2), 32 * 32 * 4, 32 * 32 * 64, device="cpu",
+                          cpu_threads=2)  # fmt: skip
+    assert isinstance(generator.cores, CoreShare) and generator.cores.cores == min(2, os.cpu_count() or 1)
+    batch = loaded_batch(generator, [(64, 64), (96, 64)])
+    before = torch.get_num_threads()
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
+        torch.set_num_threads(2)
         time.sleep(1.0)
-        share.threads()  # the interval that includes the burner's start
+        generator.cores.threads()  # start the interval after the burner is spinning
         time.sleep(1.0)
-        assert share.threads() == 1
+        assert generator(batch).column(schema.STATUS).to_pylist() == [schema.OK, schema.OK]
+        assert torch.get_num_threads() == 1
     finally:
         burner.kill()
         burner.wait()
+        torch.set_num_threads(before)
