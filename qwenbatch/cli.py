@@ -71,7 +71,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qwenbatch.bench import markdown, run_bench
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="qwenbatch-bench-"))
-    results = run_bench(args.mode, folder, images=args.images, model=args.model, max_pixels=args.max_pixels)
+    results = run_bench(
+        args.mode, folder, images=args.images, model=args.model, max_pixels=args.max_pixels, slowdown=args.slowdown
+    )
     print(markdown(results))
     print(f"written: {folder / 'bench.json'} and {folder / 'bench.md'}")
     return 0
@@ -167,11 +169,19 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="qwenbatch against the plain transformers loop on the same images")
-    bench.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
+    bench.add_argument(
+        "--mode",
+        choices=["cpu", "gpu", "sim"],
+        default="cpu",
+        help="cpu: tiny model vs the plain loop; gpu: the 8B shape on a GPU; sim: the pipeline on a simulated H100",
+    )
     bench.add_argument("--dir", help="folder for images, models and results (default: a new temporary folder)")
-    bench.add_argument("--images", type=int, default=None, help="default: 1000 (cpu), 2000 (gpu)")
+    bench.add_argument("--images", type=int, default=None, help="default: 1000 (cpu), 512 (gpu), 640 (sim)")
     bench.add_argument("--model", default=None, help="a checkpoint instead of the built one (gpu: random 8B shape)")
     bench.add_argument("--max-pixels", type=int, default=None, help="pixel budget (default: the job default)")
+    bench.add_argument(
+        "--slowdown", type=float, default=1.0, help="sim: stretch the simulated GPU's time (2: half an H100's speed)"
+    )
     bench.set_defaults(func=cmd_bench)
 
     manifest = sub.add_parser("manifest", help="write a manifest (id, image, size) for a folder of images")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,13 @@ class ModelConfig(_Section):
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _flash_attention_installed(cls, value: str | None) -> str | None:
+        if value == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("flash_attention_2 needs the flash-attn package (pip install flash-attn); use sdpa")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -60,6 +68,10 @@ class GenerationConfig(_Section):
     top_p: float = Field(default=0.8, gt=0, le=1)
     top_k: int = Field(default=20, ge=0)
     seed: int = 0
+    compile: bool = Field(
+        default=False,
+        description="static KV cache and torch.compile of the decode step (GPU; batches padded to a few shapes)",
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> GenerationConfig:
@@ -132,10 +144,11 @@ class StorageConfig(_Section):
 
 class RunConfig(_Section):
     batch_size: int = Field(default=schema.DEFAULT_BATCH_SIZE, ge=1, description="rows per generate call, at most")
-    max_batch_tokens: int = Field(
-        default=schema.DEFAULT_MAX_BATCH_TOKENS,
-        ge=schema.PIXELS_PER_TOKEN // 16,
-        description="rows x the longest row's image tokens, per generate call: similar sizes batch together",
+    max_batch_tokens: int | None = Field(
+        default=None,
+        ge=schema.MIN_BATCH_TOKEN_BUDGET,
+        description="rows x the longest row's image tokens, per generate call: similar sizes batch together; "
+        f"null: from the GPU memory free after the model loads (on CPU {schema.DEFAULT_MAX_BATCH_TOKENS})",
     )
     gpus_per_replica: int = Field(default=1, ge=1)
     replicas: int | tuple[int, int] = Field(default=1, description="a fixed count, or [min, max] to autoscale")
@@ -143,6 +156,17 @@ class RunConfig(_Section):
         default=None, ge=1, description="load actors at most; default: the cluster's CPUs the replicas leave free"
     )
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    processor_device: Literal["cpu", "cuda"] = Field(
+        default="cpu",
+        description="where a replica normalises and patchifies its images: cuda runs the processor's torchvision "
+        "backend on the replica's GPU (GPU replicas only)",
+    )
+
+    @model_validator(mode="after")
+    def _processor_on_a_gpu(self) -> RunConfig:
+        if self.processor_device == "cuda" and self.device == "cpu":
+            raise ValueError("run.processor_device 'cuda' needs the replicas on GPUs, and run.device is 'cpu'")
+        return self
 
     @field_validator("replicas", mode="before")
     @classmethod

@@ -45,10 +45,22 @@ def load_kwargs(config: ModelConfig, device: str, gpus: int = 1) -> dict[str, An
     return kwargs
 
 
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but this worker sees no GPU")
+    return device
+
+
 def load_model(config: ModelConfig, device: str, gpus: int = 1) -> torch.nn.Module:
-    """Load the model for generation; with `gpus > 1`, accelerate shards it across them."""
+    """Load the model for generation on `device` ("auto", "cuda" or "cpu"); with `gpus > 1`,
+    accelerate shards it across them."""
     from transformers import AutoModelForImageTextToText
 
+    device = pick_device(device)
     kwargs = load_kwargs(config, device, gpus)
     model = AutoModelForImageTextToText.from_pretrained(config.name, **kwargs)
     if "device_map" not in kwargs:

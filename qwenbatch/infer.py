@@ -2,25 +2,44 @@
 
 `Generator` is a plain callable class: Ray Data runs it as an actor pool, and tests and
 benchmarks construct and call it directly, without Ray.
+
+The model never waits on the CPU: while one batch generates, a second thread prepares the next
+(processor, pinned memory, copy to the device on a side stream). Ray Data hands a replica two
+blocks at once, so this holds across blocks too; `generate` itself runs one call at a time, as the
+model caches `rope_deltas` between calls.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
 from qwenbatch import schema
+from qwenbatch.batching import bucket_length, bucket_rows, kv_bytes_per_token, pad_prompts_left, plan_batches
 from qwenbatch.config import GenerationConfig, ModelConfig
+from qwenbatch.cores import CoreShare, free_cores
+from qwenbatch.hub import load_model
 from qwenbatch.load import pixels_to_array
 from qwenbatch.rows import RowError, column_or_nulls, error_message, ok_mask, with_columns
+from qwenbatch.timing import ReplicaClock, TimingSink
+
+__all__ = ["CoreShare", "Generator", "InferError", "Output", "free_cores", "plan_batches", "split_reasoning"]
 
 log = logging.getLogger(__name__)
 
 THINK_END = "</think>"
 THINK_START = "<think>"
+
+ModelLoader = Callable[[ModelConfig, str, int], Any]
 
 
 class InferError(RowError):
@@ -36,77 +55,21 @@ class Output:
     finish_reason: str
 
 
+@dataclass
+class Prepared:
+    """A batch ready for `generate`: the processor's output on the model's device."""
+
+    inputs: Any
+    rows: int  # the batch's own rows; a compiled call's bucket padding comes after them
+    input_tokens: list[int]
+
+
 def split_reasoning(decoded: str) -> tuple[str, str | None]:
     """Thinking variants write `<think>...</think>answer`: return (answer, reasoning)."""
     if THINK_END not in decoded:
         return decoded.strip(), None
     reasoning, _, answer = decoded.partition(THINK_END)
     return answer.strip(), reasoning.replace(THINK_START, "").strip()
-
-
-def plan_batches(tokens: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """Row positions grouped for `generate`: similar sizes together, each group's padded size in budget.
-
-    Sorting by image tokens cuts the padding that left-padded batches spend compute on, and
-    the token budget (rows x longest row) keeps a batch of large images from running out of memory.
-    """
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for position in sorted(range(len(tokens)), key=lambda i: tokens[i]):
-        grown = len(current) + 1
-        if current and (grown > batch_size or grown * tokens[position] > max_batch_tokens):
-            groups.append(current)
-            current = []
-        current.append(position)
-    if current:
-        groups.append(current)
-    return groups
-
-
-def free_cores(cores: int, busy_s: float, own_s: float, wall_s: float) -> int:
-    """Cores this process may compute on: all but those other processes kept busy over the last interval."""
-    others = max(0.0, busy_s - own_s) / wall_s if wall_s > 0 else 0.0
-    return max(1, min(cores, round(cores - others)))
-
-
-class CoreShare:
-    """Torch threads for a replica on CPU, renewed before each batch.
-
-    The load actors share the node's cores: threads that compete with them for a core wait on each
-    other at every barrier, so the replica computes on the cores they leave free, and on all of
-    them once loading is done.
-    """
-
-    def __init__(self, cores: int) -> None:
-        self.cores = cores
-        self.last = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        import time
-
-        import psutil
-
-        system = psutil.cpu_times()
-        busy = sum(system) - system.idle - getattr(system, "iowait", 0.0)
-        own = psutil.Process().cpu_times()
-        return busy, own.user + own.system, time.monotonic()
-
-    def threads(self) -> int:
-        now = self._sample()
-        busy, own, wall = (a - b for a, b in zip(now, self.last, strict=True))
-        self.last = now
-        return free_cores(self.cores, busy, own, wall)
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but this worker sees no GPU")
-    return device
 
 
 class Generator:
@@ -121,27 +84,78 @@ class Generator:
         device: str = "auto",
         gpus: int = 1,
         batch_size: int = schema.DEFAULT_BATCH_SIZE,
-        max_batch_tokens: int = schema.DEFAULT_MAX_BATCH_TOKENS,
+        max_batch_tokens: int | None = None,
         cpu_threads: int | None = None,
+        processor_device: str = "cpu",
+        timing: TimingSink | None = None,
+        load: ModelLoader = load_model,
     ) -> None:
-        from qwenbatch.hub import load_model, load_processor
+        from qwenbatch.hub import load_processor
 
-        self.device = pick_device(device)
-        self.cores = CoreShare(min(cpu_threads, os.cpu_count() or 1)) if self.device == "cpu" and cpu_threads else None
         self.processor = load_processor(model.name, model.revision)
-        self.model = load_model(model, self.device, gpus)
+        self.model = load(model, device, gpus)
+        self.device = self.model.device.type
+        if processor_device == "cuda" and self.device != "cuda":
+            raise RuntimeError("run.processor_device 'cuda' needs the replica on a GPU")
+        self.processor_kwargs = {"device": self.model.device} if processor_device == "cuda" else {}
+        self.cores = CoreShare(min(cpu_threads, os.cpu_count() or 1)) if self.device == "cpu" and cpu_threads else None
         self.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         self.batch_size = batch_size
-        self.max_batch_tokens = max_batch_tokens
         self.generation = generation
+        self.max_batch_tokens = max_batch_tokens or self._token_budget()
         config = self.model.generation_config
         eos = config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else self.processor.tokenizer.pad_token_id
+        self.clock = ReplicaClock.start(self.device)
+        self.timing = timing
+        self._generate_lock = threading.Lock()  # one generate at a time: the model caches rope_deltas
+        self._processor_lock = threading.Lock()  # a split batch's retry prepares beside the prepare thread
+        self._slots = threading.Semaphore(schema.PREFETCH_BATCHES)  # prepared batches held on the device
+        self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self._ahead: dict[int, Future[Prepared]] = {}  # head starts, by the id of their batch's chats list
+        self._copy_stream = self._new_copy_stream()
+        self._compile = self._compile_config() if generation.compile else None
+
+    def _token_budget(self) -> int:
+        """On a GPU: from the memory free after the model loaded; elsewhere the fixed default."""
+        if self.device != "cuda":
+            return schema.DEFAULT_MAX_BATCH_TOKENS
+        import torch
+
+        from qwenbatch.batching import token_budget
+
+        free, _ = torch.cuda.mem_get_info(self.model.device)
+        per_token = kv_bytes_per_token(self.model.config.text_config, self.model.dtype.itemsize)
+        budget = token_budget(free, per_token, self.batch_size, self.generation.max_new_tokens)
+        log.info(
+            "run.max_batch_tokens unset: %d image tokens per batch, from %.1f GiB free and %d KiB of KV cache "
+            "per token",
+            budget,
+            free / 2**30,
+            per_token // 1024,
+        )
+        return budget
+
+    def _new_copy_stream(self) -> Any:
+        if self.device != "cuda":
+            return None
+        import torch
+
+        return torch.cuda.Stream(self.model.device)
+
+    def _compile_config(self) -> Any:
+        from transformers import CompileConfig
+
+        if self.device == "cuda":
+            return CompileConfig(fullgraph=type(self.model)._can_compile_fullgraph)
+        config = CompileConfig(fullgraph=type(self.model)._can_compile_fullgraph, mode="default")
+        config._compile_all_devices = True  # transformers compiles on CUDA only unless told; tests run on CPU
+        return config
 
     def generate_kwargs(self) -> dict:
         gen = self.generation
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "max_new_tokens": gen.max_new_tokens,
             "min_new_tokens": gen.min_new_tokens,
             "do_sample": gen.do_sample,
@@ -151,36 +165,118 @@ class Generator:
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self._compile is not None:
+            kwargs.update(cache_implementation="static", compile_config=self._compile)
         return kwargs
 
-    def generate(self, chats: list[str], images: list) -> list[Output]:
-        """One batched `generate` call; raises on any failure (the caller splits the batch)."""
+    # --- one batch: prepare, then generate ------------------------------------------------
+
+    def prepare(self, chats: list[str], images: list) -> Prepared:
+        """Processor, bucket padding for a compiled model, and the copy to the device."""
         import torch
 
-        inputs = self.processor(text=chats, images=images, return_tensors="pt", padding=True, size=self.size)
-        inputs = inputs.to(self.model.device)
-        if self.generation.do_sample:
-            torch.manual_seed(self.generation.seed)
-        with torch.inference_mode():
-            sequences = self.model.generate(**inputs, **self.generate_kwargs())
-        prompt_length = inputs["input_ids"].shape[1]
-        input_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        outputs = []
-        for row, generated in enumerate(sequences[:, prompt_length:].tolist()):
-            stop = next((i for i, token in enumerate(generated) if token in self.eos_ids), None)
-            count = len(generated) if stop is None else stop + 1
-            decoded = self.processor.tokenizer.decode(generated[:count], skip_special_tokens=True)
-            text, reasoning = split_reasoning(decoded)
-            outputs.append(
-                Output(
-                    text=text,
-                    reasoning=reasoning,
-                    input_tokens=int(input_tokens[row]),
-                    output_tokens=count,
-                    finish_reason=schema.FINISH_LENGTH if stop is None else schema.FINISH_STOP,
+        started = time.perf_counter()
+        rows = len(chats)
+        if self._compile is not None:  # padding rows repeat the last one; their output is dropped
+            extra = bucket_rows(rows, self.batch_size) - rows
+            chats, images = chats + chats[-1:] * extra, images + images[-1:] * extra
+        side = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else nullcontext()
+        with side:
+            with self._processor_lock:  # a fast tokenizer is not safe to call from two threads at once
+                inputs = self.processor(
+                    text=chats,
+                    images=images,
+                    return_tensors="pt",
+                    padding=True,
+                    size=self.size,
+                    **self.processor_kwargs,
                 )
-            )
-        return outputs
+            if self._compile is not None:
+                inputs = pad_prompts_left(inputs, bucket_length(inputs["input_ids"].shape[1]), self.pad_id)
+            input_tokens = inputs["attention_mask"][:rows].sum(dim=1).tolist()
+            inputs = self._to_device(inputs)
+        self.clock.add(prepare_s=time.perf_counter() - started)
+        return Prepared(inputs, rows, input_tokens)
+
+    def _to_device(self, inputs: Any) -> Any:
+        """On a GPU: pinned memory, copied on the side stream, finished before `generate` sees it."""
+        if self._copy_stream is None:
+            return inputs.to(self.model.device)
+        import torch
+
+        for name, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                inputs[name] = value.pin_memory().to(self.model.device, non_blocking=True)
+        self._copy_stream.synchronize()
+        return inputs
+
+    def run(self, prepared: Prepared) -> list[Output]:
+        """One `generate` call on a prepared batch; raises on any failure (the caller splits the batch)."""
+        import torch
+
+        with self._generate_lock:
+            if self.cores:
+                torch.set_num_threads(self.cores.threads())
+            if self.generation.do_sample:
+                torch.manual_seed(self.generation.seed)
+            if self._copy_stream is not None:  # the allocator must not reuse these until generate is done
+                for value in prepared.inputs.values():
+                    if isinstance(value, torch.Tensor):
+                        value.record_stream(torch.cuda.current_stream(self.model.device))
+            started = time.perf_counter()
+            with torch.inference_mode():
+                sequences = self.model.generate(**prepared.inputs, **self.generate_kwargs())
+            prompt_length = prepared.inputs["input_ids"].shape[1]
+            generated = sequences[: prepared.rows, prompt_length:].tolist()
+            memory = torch.cuda.max_memory_allocated(self.model.device) if self.device == "cuda" else 0
+            self.clock.add(generate_s=time.perf_counter() - started, batches=1, memory=memory)
+        return [self._output(ids, tokens) for ids, tokens in zip(generated, prepared.input_tokens, strict=True)]
+
+    def _output(self, generated: list[int], input_tokens: int) -> Output:
+        stop = next((i for i, token in enumerate(generated) if token in self.eos_ids), None)
+        count = len(generated) if stop is None else stop + 1
+        decoded = self.processor.tokenizer.decode(generated[:count], skip_special_tokens=True)
+        text, reasoning = split_reasoning(decoded)
+        return Output(
+            text=text,
+            reasoning=reasoning,
+            input_tokens=int(input_tokens),
+            output_tokens=count,
+            finish_reason=schema.FINISH_LENGTH if stop is None else schema.FINISH_STOP,
+        )
+
+    def generate(self, chats: list[str], images: list) -> list[Output]:
+        """One batched `generate` call; raises on any failure (the caller splits the batch).
+
+        Uses the head start `_prepare_ahead` gave this very list of chats, if any; else prepares here.
+        """
+        future = self._ahead.pop(id(chats), None)
+        if future is None:
+            return self.run(self.prepare(chats, images))
+        prepared = future.result()
+        try:
+            return self.run(prepared)
+        finally:
+            self._slots.release()
+
+    def _prepare_ahead(self, chats: list[str], images: list) -> None:
+        """Prepare on the second thread, at most `PREFETCH_BATCHES` ahead of `generate`."""
+
+        def task() -> Prepared:
+            self._slots.acquire()
+            try:
+                return self.prepare(chats, images)
+            except BaseException:
+                self._slots.release()
+                raise
+
+        self._ahead[id(chats)] = self._preparer.submit(task)
+
+    def _discard_ahead(self, chats: list[str]) -> None:
+        """Free the head start of a batch whose `generate` never took it (it failed before, or was replaced)."""
+        future = self._ahead.pop(id(chats), None)
+        if future is not None and future.exception() is None:
+            self._slots.release()
 
     def generate_resilient(self, chats: list[str], images: list) -> list[Output | InferError]:
         """Split a failing batch (out of memory or any error) in halves, down to single rows.
@@ -192,6 +288,8 @@ class Generator:
             return list(self.generate(chats, images))
         except Exception as exc:  # noqa: BLE001 - retried smaller, then recorded on the row
             failure = InferError(error_message(exc))
+        finally:
+            self._discard_ahead(chats)
         self._release_memory()
         if len(chats) == 1:
             log.warning("row failed in generate: %s", failure)
@@ -205,13 +303,23 @@ class Generator:
     def _release_memory(self) -> None:
         import torch
 
-        if self.device.startswith("cuda"):
+        if self.device == "cuda":
             torch.cuda.empty_cache()
 
+    # --- one block of rows from Ray Data ---------------------------------------------------
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [index for index, ok in enumerate(ok_mask(batch)) if ok]
+        self.clock.call_started(len(rows))
+        try:
+            results = self._generate_rows(batch, rows)
+        finally:
+            self._publish_timing()
+        return self._with_results(batch, results)
+
+    def _generate_rows(self, batch: pa.Table, rows: list[int]) -> dict[int, Output | InferError]:
         import torch
 
-        rows = [index for index, ok in enumerate(ok_mask(batch)) if ok]
         chats = column_or_nulls(batch, schema.CHAT)
         pixels = column_or_nulls(batch, schema.PIXELS)
         widths = column_or_nulls(batch, schema.WIDTH)
@@ -220,12 +328,27 @@ class Generator:
             torch.from_numpy(pixels_to_array(pixels[i], widths[i], heights[i]).copy()).permute(2, 0, 1) for i in rows
         ]
         tokens = column_or_nulls(batch, schema.IMAGE_TOKENS)
+        groups = plan_batches([tokens[i] for i in rows], self.batch_size, self.max_batch_tokens)
+        inputs = [([chats[rows[g]] for g in group], [images[g] for g in group]) for group in groups]
+        for pair in inputs:  # each head start is taken, or discarded, by generate_resilient below
+            self._prepare_ahead(*pair)
         results: dict[int, Output | InferError] = {}
-        for group in plan_batches([tokens[i] for i in rows], self.batch_size, self.max_batch_tokens):
-            if self.cores:
-                torch.set_num_threads(self.cores.threads())
-            outputs = self.generate_resilient([chats[rows[g]] for g in group], [images[g] for g in group])
+        for group, pair in zip(groups, inputs, strict=True):
+            outputs = self.generate_resilient(*pair)
             results.update((rows[g], output) for g, output in zip(group, outputs, strict=True))
+        return results
+
+    def _publish_timing(self) -> None:
+        figures = self.clock.call_ended()
+        if self.timing is None:
+            return
+        try:
+            self.timing.publish(figures)
+        except OSError as exc:  # the figures are a report, never a reason to fail rows
+            log.warning("could not write replica timing to %s: %s", self.timing.folder, exc)
+
+    @staticmethod
+    def _with_results(batch: pa.Table, results: dict[int, Output | InferError]) -> pa.Table:
         n = batch.num_rows
         text, reasoning, input_tokens, output_tokens, finish = ([None] * n for _ in range(5))
         statuses = column_or_nulls(batch, schema.STATUS)

@@ -15,11 +15,12 @@ from importlib import metadata
 from typing import Any
 
 from qwenbatch import schema, storage
-from qwenbatch.config import JobConfig, config_snapshot
-from qwenbatch.infer import Generator
+from qwenbatch.config import ConfigError, JobConfig, config_snapshot
+from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.load import Loader, LoadLimits, allowed_roots
 from qwenbatch.prompt import prompt_batch
 from qwenbatch.read import Manifest, open_manifest, read_manifest, skip_done
+from qwenbatch.timing import TimingSink, busy_summary
 from qwenbatch.write import (
     ShardSink,
     done_ids,
@@ -51,15 +52,16 @@ class Stage:
     concurrency: int | tuple[int, int] | None = None
     batch_size: int | None = CPU_BATCH_ROWS
     kwargs: dict[str, Any] = field(default_factory=dict)
+    calls_per_actor: int = 1  # blocks an actor works on at once, in threads of its own
 
     def compute(self) -> Any:
         """Actors for a class (Ray Data restarts dead ones and retries their batches), tasks otherwise."""
         from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
         if isinstance(self.fn, type):
-            if isinstance(self.concurrency, tuple):
-                return ActorPoolStrategy(min_size=self.concurrency[0], max_size=self.concurrency[1])
-            return ActorPoolStrategy(size=self.concurrency or 1)
+            low, high = self.concurrency if isinstance(self.concurrency, tuple) else (self.concurrency or 1,) * 2
+            threads = {"max_concurrent_calls_per_actor": self.calls_per_actor, "enable_true_multi_threading": True}
+            return ActorPoolStrategy(min_size=low, max_size=high, **(threads if self.calls_per_actor > 1 else {}))
         return TaskPoolStrategy(size=self.concurrency) if self.concurrency else None
 
     def apply(self, dataset: Any) -> Any:
@@ -94,6 +96,8 @@ class Placement:
         on_cpu = wanted == "cpu" or (wanted == "auto" and cluster_gpus < config.run.gpus_per_replica)
         if on_cpu and wanted == "auto":
             log.warning("no GPU in the Ray cluster: the model runs on CPU")
+        if on_cpu and config.run.processor_device == "cuda":
+            raise ConfigError("run.processor_device: 'cuda' needs the replicas on GPUs, and they run on CPU here")
         free_cpus = int(cluster_cpus) - (replicas if on_cpu else 0) - TASK_CPUS
         cpu_workers = config.run.cpu_concurrency or max(1, free_cpus)
         loader_cpus = min(1, max(0, free_cpus) / cpu_workers)
@@ -123,7 +127,8 @@ def limits_for(config: JobConfig) -> LoadLimits:
     )
 
 
-def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[Stage]:
+def build_stages(config: JobConfig, placement: Placement, run_id: str, load: ModelLoader | None = None) -> list[Stage]:
+    """The job's operators; `load` replaces how a replica gets its model (the benchmark's simulated GPU)."""
     model = config.model
     limits = limits_for(config)
     return [
@@ -152,6 +157,7 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[S
             num_gpus=placement.gpus_per_replica,
             concurrency=config.run.replicas,
             batch_size=config.run.batch_size * schema.SORT_WINDOW_BATCHES,
+            calls_per_actor=schema.REPLICA_CONCURRENT_BLOCKS,
             kwargs={
                 "model": model,
                 "generation": config.generation,
@@ -162,7 +168,10 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str) -> list[S
                 "cpu_threads": placement.cpu_threads,
                 "batch_size": config.run.batch_size,
                 "max_batch_tokens": config.run.max_batch_tokens,
-            },
+                "processor_device": config.run.processor_device,
+                "timing": TimingSink.for_run(config.output.path, run_id),
+            }
+            | ({"load": load} if load else {}),
         ),
         Stage(
             "finalize",
@@ -206,8 +215,13 @@ def ensure_ray() -> None:
         ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
 
 
-def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None = None) -> RunResult:
-    """Run the job to completion over whatever the output does not hold yet."""
+def run(
+    config: JobConfig, *, force: bool = False, max_error_rate: float | None = None, load: ModelLoader | None = None
+) -> RunResult:
+    """Run the job to completion over whatever the output does not hold yet.
+
+    `load` replaces `hub.load_model` in the replicas; only the benchmark's simulated GPU passes one.
+    """
     output = config.output.path
     storage.configure(config.storage)  # this process resolves manifest and output URIs with it
     if is_complete(output) and not force:
@@ -244,13 +258,16 @@ def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None 
         # A manifest file is read as one block and a block is one task: split it, or a single load
         # task decodes the whole file while the other load actors, and the other nodes, wait.
         dataset = dataset.repartition(target_num_rows_per_block=CPU_BATCH_ROWS)
-        for stage in build_stages(config, placement, run_id):
+        for stage in build_stages(config, placement, run_id, load):
             dataset = stage.apply(dataset)
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
 
     elapsed = time.time() - started
+    timing = TimingSink.for_run(output, run_id)
     summary = build_summary(config, manifest, run_id, started, elapsed, sink.written, todo, max_error_rate)
+    summary |= busy_summary(timing.read())
     write_summary(output, summary, success=summary["state"] == "succeeded")
+    timing.remove()  # folded into the summary
     return RunResult(output=output, summary=summary)
 
 

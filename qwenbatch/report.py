@@ -30,7 +30,7 @@ from qwenbatch.config import JobConfig
 from qwenbatch.load import LoadLimits, fetch_bytes, open_checked, to_rgb
 from qwenbatch.pipeline import limits_for
 from qwenbatch.rows import error_message
-from qwenbatch.status import FAILED, SUCCEEDED, read_status
+from qwenbatch.status import FAILED, RUNNING, SUCCEEDED, read_status
 
 DEFAULT_SAMPLE = 200  # ok rows on the contact sheet
 DEFAULT_FAILED = 100  # failed rows on the contact sheet
@@ -113,6 +113,7 @@ class Facts:
     timeline: list[tuple[float, int]]  # (seconds since `timeline_since`, rows written so far)
     timeline_since: str  # the run's start when the summary gives it, else its first shard
     cards: list[Card]
+    busy: dict[str, Any] | None = None  # `gpu_busy` and `replicas`: the finished run's, or the running one's
 
     @property
     def failed(self) -> int:
@@ -366,6 +367,7 @@ def gather(output: str, sample: int = DEFAULT_SAMPLE, failed: int = DEFAULT_FAIL
         cards=sample_cards(dataset, status, columns, image_limits(summary), sample, failed, seed)
         if dataset is not None
         else [],
+        busy=status_now.busy,
     )
 
 
@@ -632,6 +634,8 @@ def _summary_section(facts: Facts) -> str:
             f"<th>first shard</th><th>last shard</th></tr>{rows}</table></div>"
         )
     parts.append("</div>")
+    if facts.busy:
+        parts.append(_busy_block(facts.busy, live=facts.state == RUNNING))
     if facts.summary:
         config = json.dumps(summary.get("config") or {}, indent=2)
         versions = "".join(
@@ -643,6 +647,32 @@ def _summary_section(facts: Facts) -> str:
         )
     parts.append("</section>")
     return "".join(parts)
+
+
+def _percent(share: float | None) -> str:
+    return "—" if share is None else f"{share:.1%}"
+
+
+def _busy_block(busy: dict[str, Any], live: bool) -> str:
+    """How busy the replicas kept their GPUs: under 95% they waited on the CPU side, so add CPUs."""
+    figures = busy.get("replicas") or {}
+    share = busy.get("gpu_busy")
+    key = None if live else "gpu_busy"  # a running run's figures are not in the summary yet
+    rows = "".join(
+        f"<tr><td><code>{_e(r['replica'])}</code></td><td>{_e(r['device'])}</td>"
+        f"<td class='n'>{_percent(r['busy'])}</td>"
+        f"<td class='n'>{r['generate_s']:,.1f}</td><td class='n'>{r['prepare_s']:,.1f}</td>"
+        f"<td class='n'>{r['wait_s']:,.1f}</td><td class='n'>{r['batches']:,}</td><td class='n'>{r['rows']:,}</td></tr>"
+        for r in figures.get("each", [])
+    )
+    return (
+        f"<div id='busy'><h3>GPU busy{' (running)' if live else ''}: {_percent(share)}</h3>"
+        f"<p>Time in <code>generate</code> over {figures.get('count', 0)} replica(s) x "
+        f"{figures.get('window_s', 0):,.1f} s from the first batch to the last: {_num(key, share)}. "
+        "Under 95%, the GPUs waited for rows or for batches to be prepared: add CPUs per GPU.</p>"
+        "<table><tr><th>replica</th><th>device</th><th>busy</th><th>generate (s)</th><th>preparing (s)</th>"
+        f"<th>waiting for rows (s)</th><th>batches</th><th>rows</th></tr>{rows}</table></div>"
+    )
 
 
 def _plots_section(facts: Facts) -> str:

@@ -101,11 +101,27 @@ DATE_FORMAT = "%Y-%m-%d"
 
 # Batching in the infer stage: rows per generate call, and rows x longest row in image tokens.
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_MAX_BATCH_TOKENS = 32768
+DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and on a GPU where the config sets none: see GPU_MEMORY_HEADROOM
+MIN_BATCH_TOKEN_BUDGET = 64
+# On a GPU with `run.max_batch_tokens` unset, the budget comes from the memory free after the model
+# loads: this share of it stays for activations and fragmentation, the rest holds the KV cache, and
+# each row's cache also holds its text (about this many tokens) and its new tokens.
+GPU_MEMORY_HEADROOM = 0.25
+PROMPT_TEXT_ALLOWANCE = 128
 # The infer stage takes this many batches' rows at a time and groups them by image tokens: a
 # window of one batch would leave nothing to group, and every batch padded to its largest image.
 SORT_WINDOW_BATCHES = 4
+# Batches a replica holds prepared (processor output, on the device) ahead of `generate`: one
+# generates while the next is made ready; more would only hold device memory.
+PREFETCH_BATCHES = 2
+# Blocks of rows Ray Data runs in one replica at once: the next block's batches are prepared while
+# the last batch of the one before generates. `generate` itself runs one call at a time.
+REPLICA_CONCURRENT_BLOCKS = 2
+# `generation.compile`: prompts are left-padded to a power of two of at least this many tokens, and
+# batches to a power of two of rows, so the decode step compiles for a handful of shapes.
+COMPILE_MIN_PROMPT = 64
 
 SUMMARY_FILE = "_summary.json"
+REPLICAS_FOLDER = "_replicas"  # per-run folders of per-replica busy-time files, read by status and the summary
 SUCCESS_FILE = "_SUCCESS"
 TEMP_PREFIX = ".tmp-"  # atomic writes stage here; hidden from readers, removed at the start of a run

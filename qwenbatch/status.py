@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from qwenbatch import schema, storage
+from qwenbatch.timing import busy_summary, live_figures
 from qwenbatch.write import read_summary, summarize_output
 
 RUNNING = "running"
@@ -42,6 +43,7 @@ class RunStatus:
     shards: int
     last_write: datetime | None  # newest shard
     summary_written: datetime | None
+    busy: dict[str, Any] | None = None  # `timing.busy_summary` of the running run, or the finished one's
 
     def as_dict(self) -> dict[str, Any]:
         this_run = (self.summary or {}).get("this_run", {})
@@ -56,6 +58,8 @@ class RunStatus:
             "last_write": self.last_write.isoformat() if self.last_write else None,
             "output_rows": self.totals,
             "this_run": this_run,
+            "gpu_busy": (self.busy or {}).get("gpu_busy"),
+            "replicas": (self.busy or {}).get("replicas"),
         }
 
 
@@ -86,11 +90,14 @@ def read_status(output: str) -> RunStatus:
     if summary is None or (last_write and summary_written and last_write > summary_written):
         state = RUNNING
         totals = summarize_output(output, top_errors=TOP_ERRORS_SHOWN)
+        live = live_figures(output)
+        busy = busy_summary(live[1]) if live else None
     else:
         complete = storage.exists(fs, storage.join(base, schema.SUCCESS_FILE))
         state = SUCCEEDED if complete else (FAILED if summary.get("state") == FAILED else PARTIAL)
         totals = summary.get("output", {})
-    return RunStatus(output, state, summary, totals, len(times), last_write, summary_written)
+        busy = summary if (summary.get("replicas") or {}).get("count") else None
+    return RunStatus(output, state, summary, totals, len(times), last_write, summary_written, busy)
 
 
 def _ago(moment: datetime, now: datetime) -> str:
@@ -106,6 +113,29 @@ def _duration(seconds: float) -> str:
 
 def _rate(value: float | None, unit: str) -> str:
     return f"{value:,.2f} {unit}/s" if value is not None else "-"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def busy_lines(busy: dict[str, Any]) -> list[str]:
+    """GPU busy time: under 95% the replicas waited on the CPU side (add CPUs), near 100% add GPUs."""
+    replicas = busy.get("replicas") or {}
+    count = replicas.get("count", 0)
+    lines = [
+        f"{'gpu busy':<11}{_share(busy.get('gpu_busy'))} over {count} replica{'s' if count != 1 else ''}: "
+        f"generate {replicas.get('generate_s', 0):,.1f} s, preparing {replicas.get('prepare_s', 0):,.1f} s "
+        f"(overlapped), waiting for rows {replicas.get('wait_s', 0):,.1f} s, of {replicas.get('window_s', 0):,.1f} s"
+    ]
+    each = replicas.get("each", [])
+    if len(each) > 1:
+        lines += [
+            f"{'':<11}{r['replica']} ({r['device']}): busy {_share(r['busy'])}, {r['batches']:,} batches, "
+            f"{r['rows']:,} rows"
+            for r in each
+        ]
+    return lines
 
 
 def format_status(status: RunStatus, now: datetime | None = None) -> str:
@@ -139,6 +169,8 @@ def format_status(status: RunStatus, now: datetime | None = None) -> str:
             f"{_rate(this_run.get('output_tokens_per_s'), 'output tokens')} (this run)"
         )
     lines.append(f"{'tokens':<11}input {totals.get('input_tokens', 0):,}, output {totals.get('output_tokens', 0):,}")
+    if status.busy:
+        lines += busy_lines(status.busy)
     counts = totals.get("status", {})
     if counts:
         width = max(len("rows"), *(len(f"{n:,}") for n in counts.values()))

@@ -164,6 +164,13 @@ def list_files(
     return sorted(found, key=lambda entry: entry.path)
 
 
+def list_folders(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """The folders directly under `folder`; none when it does not exist."""
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return []
+    return sorted(e.path for e in fs.get_file_info(pafs.FileSelector(folder)) if e.type == pafs.FileType.Directory)
+
+
 def parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
     """Finished Parquet files under a folder; hidden and underscore files are not data."""
     return [entry.path for entry in list_files(fs, folder, (".parquet",))]

@@ -30,3 +30,17 @@ def test_cpu_bench_smoke(ray_local, tmp_path):
     table = (tmp_path / "bench.md").read_text()
     assert "| plain transformers loop (batch 4) | 8 |" in table and "| document | 4 |" in table
     assert "| first output (s) | images/s after it |" in table
+
+
+def test_sim_bench_smoke(ray_local, tmp_path):
+    """The real pipeline on the simulated H100: ideal and achieved rates, GPU busy time, CPU per image."""
+    results = run_bench("sim", tmp_path, images=10)
+    names = [row["name"] for row in results["end_to_end"]]
+    assert names == ["1024x768 JPEGs", "4000x3000 JPEGs", "4000x3000 JPEGs, jpeg_draft"]
+    assert [row["images"] for row in results["end_to_end"]] == [10, 4, 4]
+    for row in results["end_to_end"]:
+        assert row["output_tokens"] == row["images"] * 128  # the stand-in's fixed answers, full length
+        assert row["ideal_images_per_s"] > row["busy_window_images_per_s"] > 0
+        assert 0 < row["gpu_busy"] <= 1 and row["cpu_s_per_image"] > 0
+    table = (tmp_path / "bench.md").read_text()
+    assert "| run | images | seconds | ideal images/s | achieved images/s | in the busy window | gpu_busy |" in table

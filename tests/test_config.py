@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,8 @@ def test_document_task_gets_a_larger_budget(tmp_path):
         ("model: x\ninput: {path: a}\n", [], "output: required key is missing"),
         ("- a\n- b\n", [], "must be a mapping"),
         (GOOD, ["generation.min_new_tokens=500"], "min_new_tokens must not exceed"),
+        (GOOD, ["run.device=cpu", "run.processor_device=cuda"], "run.processor_device 'cuda' needs the replicas"),
+        (GOOD, ["run.max_batch_tokens=10"], "run.max_batch_tokens: Input should be greater than or equal to 64"),
     ],
 )
 def test_bad_config_is_one_line(tmp_path, text, overrides, message):
@@ -115,3 +118,20 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path, text, overrides, mes
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines[0].startswith("qwenbatch: error:") and message in lines[0]
     assert lines[1:] == ["RAY_NOT_STARTED"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_the_package_is_one_line(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, GOOD), ["model.attn_implementation=flash_attention_2"])
+    assert str(error.value).endswith(
+        "model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn); use sdpa"
+    )
+
+
+def test_gpu_options_are_config(tmp_path):
+    config = load_config(
+        write(tmp_path, GOOD), ["generation.compile=true", "run.processor_device=cuda", "run.max_batch_tokens=90000"]
+    )
+    assert config.generation.compile and config.run.processor_device == "cuda" and config.run.max_batch_tokens == 90000
+    assert load_config(write(tmp_path, GOOD)).run.max_batch_tokens is None  # from GPU memory, or the CPU default

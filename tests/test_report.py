@@ -152,6 +152,7 @@ def test_demo_report_in_chromium(demo_output: Path, browser: Any, tmp_path: Path
         summary,
         {
             "run_id",
+            "gpu_busy",
             "output.rows",
             "output.status.ok",
             "output.status.load_error",

@@ -1,0 +1,211 @@
+"""Benchmark: qwenbatch against the plain transformers loop, same images, model and output length.
+
+The plain loop is what tutorials show: in one process, open each image with PIL, run the
+processor and `generate` on 4 images at a time. qwenbatch runs its real pipeline on Ray.
+Output length is fixed (`min_new_tokens == max_new_tokens`) so both do the same work.
+
+Modes:
+- cpu: the tiny model, mixed image sizes including large 4000x3000 JPEGs; plus a load-stage
+  benchmark (fetch + decode + resize alone against PIL open/convert + the processor).
+- gpu: a random-weight model with the exact Qwen3-VL-8B-Instruct shape, bf16, 1024x768 images,
+  the caption task, 128 new tokens: the plain loop on 96 images, qwenbatch on 512, and qwenbatch
+  with `generation.compile`; sized to fit `jobs/gpu_check.sh` (README shows the arithmetic).
+- sim: the real pipeline with the model replaced by a simulated H100 (`bench.sim`): does the CPU
+  side keep the GPU busy? 1024x768 JPEGs, then 4000x3000 phone JPEGs without and with `jpeg_draft`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from qwenbatch import schema
+from qwenbatch.bench.contenders import (
+    PLAIN_BATCH,
+    Mode,
+    load_stage,
+    pipeline_config,
+    plain_loop,
+    qwenbatch_run,
+    task_table,
+)
+from qwenbatch.bench.cost import H100_FREE_AFTER_LOAD, KV_BYTES_PER_TOKEN
+from qwenbatch.bench.images import make_bench_images
+from qwenbatch.bench.measure import Measure, machine
+from qwenbatch.bench.shape import QWEN3_VL_8B_PARAMS, build_random_8b, count_parameters, qwen3_vl_8b_config
+
+__all__ = ["QWEN3_VL_8B_PARAMS", "count_parameters", "markdown", "qwen3_vl_8b_config", "run_bench"]
+
+log = logging.getLogger(__name__)
+
+LOAD_STAGE_IMAGES = 75  # 4000x3000 JPEGs timed in the load-stage table: a steady figure in seconds
+
+# CPU: enough images that the pipeline's fixed start (Ray workers importing torch, about 9 s on
+# 2 cores) is not most of the run, as it is not in a real batch job; `first output` shows it apart.
+CPU = Mode("cpu", images=1000, max_new_tokens=16, max_pixels=schema.DEFAULT_MAX_PIXELS, batch_size=32,
+           dtype="float32", device="cpu")  # fmt: skip
+GPU = Mode("gpu", images=512, max_new_tokens=128, max_pixels=schema.DEFAULT_MAX_PIXELS, batch_size=32,
+           dtype="bfloat16", device="cuda", plain_images=96)  # fmt: skip
+SIM = Mode("sim", images=640, max_new_tokens=128, max_pixels=schema.DEFAULT_MAX_PIXELS, batch_size=32,
+           dtype="bfloat16", device="cuda", plain_images=0)  # fmt: skip
+MODES = {mode.name: mode for mode in (CPU, GPU, SIM)}
+
+# Mixed sizes for the CPU mode: one in four is a large 12 MP JPEG, as from a phone camera.
+CPU_SIZES = [(4000, 3000), (640, 480), (1024, 768), (300, 1200), (1600, 400), (96, 96), (3000, 4000), (800, 800)]
+GPU_SIZE = (1024, 768)
+PHONE_SIZE = (4000, 3000)
+SIM_PHONE_SHARE = 0.4  # the sim's 12 MP runs take this share of --images: each costs far more CPU
+
+
+def image_tokens(size: tuple[int, int], max_pixels: int) -> int:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    height, width = smart_resize(size[1], size[0], factor=32, min_pixels=schema.DEFAULT_MIN_PIXELS,
+                                 max_pixels=max_pixels)  # fmt: skip
+    return height * width // schema.PIXELS_PER_TOKEN
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    settings = results["settings"]
+    lines = [
+        f"## qwenbatch benchmark ({results['mode']} mode, {results['machine']})",
+        "",
+        f"{settings['max_new_tokens']} new tokens each (fixed), pixel budget "
+        f"{settings['max_pixels'] // schema.PIXELS_PER_TOKEN} visual tokens, batch {settings['batch_size']}, "
+        f"{settings['dtype']}",
+        "",
+    ]
+    if results["mode"] == "sim":
+        lines += ["| run | images | seconds | ideal images/s | achieved images/s | in the busy window | gpu_busy "
+                  "| CPU s per image | first output (s) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for row in results["end_to_end"]:
+            lines.append(
+                f"| {row['name']} | {row['images']} | {row['seconds']:.1f} | {_num(row['ideal_images_per_s'])} | "
+                f"{row['images_per_s']:.2f} | {_num(row['busy_window_images_per_s'])} | {_pct(row['gpu_busy'])} | "
+                f"{_num(row['cpu_s_per_image'], 3)} | {row['first_output_s']:.1f} |"
+            )
+        return "\n".join(lines) + "\n"
+    lines += ["| run | images | seconds | images/s | output tokens/s | vs plain | peak memory (GiB) "
+              "| first output (s) | images/s after it | gpu_busy | MFU |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    plain = results["end_to_end"][0]["images_per_s"]
+    for row in results["end_to_end"]:
+        lines.append(
+            f"| {row['name']} | {row['images']} | {row['seconds']:.1f} | {row['images_per_s']:.2f} | "
+            f"{row['output_tokens_per_s']:.0f} | {row['images_per_s'] / plain:.2f}x | "
+            f"{row['peak_memory_bytes'] / 2**30:.2f} | {row['first_output_s']:.1f} | "
+            f"{_num(row['after_first_images_per_s'])} | {_pct(row['gpu_busy'])} | {_pct(row['mfu'])} |"
+        )
+    lines += ["", f"qwenbatch (best) / plain loop: **{results['ratio']:.2f}x** images/s"]
+    if results.get("load_stage"):
+        lines += ["", "| load stage, large JPEGs | images/s | vs plain |", "| --- | ---: | ---: |"]
+        for row in results["load_stage"]:
+            lines.append(f"| {row['path']} | {row['images_per_s']:.1f} | {row['ratio']:.2f}x |")
+    if results.get("tasks"):
+        lines += ["", "| task | batch | latency (s) | peak memory (GiB) |", "| --- | ---: | ---: | ---: |"]
+        for row in results["tasks"]:
+            lines.append(
+                f"| {row['task']} | {row['batch']} | {row['latency_s']:.3f} | {row['peak_memory_bytes'] / 2**30:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def sim_runs(folder: Path, model_path: str, mode: Mode, slowdown: float) -> list[Measure]:
+    """1024x768 JPEGs, then 4000x3000 phone JPEGs without and with `jpeg_draft`, on a simulated H100."""
+    from qwenbatch.batching import token_budget
+    from qwenbatch.bench.sim import load_simulated
+
+    load = functools.partial(load_simulated, slowdown=slowdown)
+    budget = token_budget(int(H100_FREE_AFTER_LOAD), KV_BYTES_PER_TOKEN, mode.batch_size, mode.max_new_tokens)
+    phones = max(1, int(mode.images * SIM_PHONE_SHARE))
+    runs = []
+    for name, size, count, draft in (
+        (f"{GPU_SIZE[0]}x{GPU_SIZE[1]} JPEGs", GPU_SIZE, mode.images, False),
+        (f"{PHONE_SIZE[0]}x{PHONE_SIZE[1]} JPEGs", PHONE_SIZE, phones, False),
+        (f"{PHONE_SIZE[0]}x{PHONE_SIZE[1]} JPEGs, jpeg_draft", PHONE_SIZE, phones, True),
+    ):
+        manifest = make_bench_images(folder / f"data-{size[0]}x{size[1]}", count, [size])
+        output = folder / f"out-sim-{size[0]}x{size[1]}{'-draft' if draft else ''}"
+        config = pipeline_config(model_path, manifest, output, mode, draft, max_batch_tokens=budget)
+        runs.append(qwenbatch_run(name, output, config, load=load))
+    return runs
+
+
+def start_ray(mode: Mode) -> None:
+    """The simulated GPU is a Ray resource too: replicas are placed as on a GPU node (0 CPUs, 1 GPU)."""
+    import ray
+
+    if mode.name == "sim" and not ray.is_initialized():
+        ray.init(num_gpus=1, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def run_bench(
+    mode_name: str,
+    folder: Path,
+    images: int | None = None,
+    model: str | None = None,
+    max_pixels: int | None = None,
+    slowdown: float = 1.0,
+) -> dict[str, Any]:
+    """Run the mode's contenders on the same images; write bench.json and bench.md into `folder`."""
+    from qwenbatch.tiny import build_tiny_model
+
+    changes = {"images": images, "max_pixels": max_pixels}
+    mode = replace(MODES[mode_name], **{key: value for key, value in changes.items() if value})
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny = build_tiny_model(folder / "tiny-model")
+    start_ray(mode)
+    results: dict[str, Any] = {"mode": mode.name, "machine": machine(), "settings": asdict(mode)}
+    prompt = schema.DEFAULT_PROMPTS["caption"]
+    if mode.name == "sim":
+        results |= {"model": "simulated H100 (Qwen3-VL-8B shape)", "slowdown": slowdown}
+        results["end_to_end"] = [m.row() for m in sim_runs(folder, model or str(tiny), mode, slowdown)]
+    elif mode.name == "gpu":
+        model_path = model or str(build_random_8b(folder / "qwen3-vl-8b-random", tiny))
+        manifest = make_bench_images(folder / "data-gpu", mode.images, [GPU_SIZE])
+        tokens = image_tokens(GPU_SIZE, mode.max_pixels)
+        runs = [plain_loop(model_path, manifest, mode, prompt)]
+        for name, compiled in (("qwenbatch", False), ("qwenbatch, generation.compile", True)):
+            config = pipeline_config(model_path, manifest, folder / f"out{'-compile' * compiled}", mode,
+                                     compile=compiled)  # fmt: skip
+            runs.append(qwenbatch_run(name, folder / f"out{'-compile' * compiled}", config, image_tokens=tokens))
+        results |= _contest(runs, model_path)
+    else:
+        model_path = model or str(tiny)
+        manifest = make_bench_images(folder / "data-cpu", mode.images, CPU_SIZES)
+        runs = [plain_loop(model_path, manifest, mode, prompt)]
+        for name, draft in (("qwenbatch", False), ("qwenbatch (jpeg_draft)", True)):
+            config = pipeline_config(model_path, manifest, folder / f"out{'-draft' * draft}", mode, draft)
+            runs.append(qwenbatch_run(name, folder / f"out{'-draft' * draft}", config))
+        results |= _contest(runs, model_path) | {"tasks": task_table(model_path, manifest, mode)}
+        import pyarrow.parquet as pq
+
+        paths = [p for p in pq.read_table(manifest, columns=["image"]).column("image").to_pylist() if "4000x3000" in p]
+        config = pipeline_config(model_path, manifest, folder / "out", mode)
+        results["load_stage"] = load_stage(config, paths[:LOAD_STAGE_IMAGES])
+    (folder / "bench.json").write_text(json.dumps(results, indent=2))
+    (folder / "bench.md").write_text(markdown(results))
+    return results
+
+
+def _contest(runs: list[Measure], model_path: str) -> dict[str, Any]:
+    best = max(runs[1:], key=lambda m: m.images_per_s)
+    return {
+        "model": model_path,
+        "end_to_end": [m.row() for m in runs],
+        "ratio": best.images_per_s / runs[0].images_per_s,
+        "plain_batch": PLAIN_BATCH,
+    }

@@ -1,0 +1,186 @@
+"""Replica busy time: where each model replica's wall time went, and how busy the run kept its GPUs.
+
+Each replica counts the seconds it spends inside `generate`, preparing batches (processor, pinned
+memory, copies to the device; overlapped with `generate`) and waiting for rows (no batch in hand),
+from its first batch to its last, and writes them to one small JSON file under the output after
+every batch: `qwenbatch status` reads them while the run goes, and the run's summary folds them
+into `gpu_busy` at the end. That figure tells a user whether to add CPUs (the GPU waits) or GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from qwenbatch import schema, storage
+
+
+@dataclass
+class ReplicaTime:
+    """One replica's figures; times are seconds, `started`/`ended` wall-clock epoch seconds."""
+
+    replica: str
+    host: str
+    pid: int
+    device: str
+    started: float | None = None  # its first batch arrived
+    ended: float | None = None  # its last batch left
+    calls: int = 0  # blocks of rows Ray Data handed it
+    batches: int = 0  # generate calls
+    rows: int = 0
+    generate_s: float = 0.0
+    prepare_s: float = 0.0
+    wait_s: float = 0.0
+    peak_memory_bytes: int = 0  # on a GPU: the most device memory torch held at once
+
+    @property
+    def span_s(self) -> float:
+        return (self.ended - self.started) if self.started is not None and self.ended is not None else 0.0
+
+    @property
+    def busy(self) -> float | None:
+        return round(self.generate_s / self.span_s, 4) if self.span_s > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"span_s": round(self.span_s, 3), "busy": self.busy}
+
+
+@dataclass
+class ReplicaClock:
+    """Accumulates a replica's `ReplicaTime`; safe to call from its generate and prepare threads.
+
+    Two blocks of rows may be in the replica at once (one prepares while the other generates), so
+    "waiting for rows" is the time with no block in hand at all.
+    """
+
+    figures: ReplicaTime
+    _active: int = 0
+    _idle_since: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def start(cls, device: str) -> ReplicaClock:
+        replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        return cls(ReplicaTime(replica, socket.gethostname(), os.getpid(), device))
+
+    def call_started(self, rows: int) -> None:
+        now = time.time()
+        with self._lock:
+            if self.figures.started is None:
+                self.figures.started = now
+            elif self._active == 0 and self._idle_since is not None:
+                self.figures.wait_s += now - self._idle_since
+            self._active += 1
+            self.figures.calls += 1
+            self.figures.rows += rows
+
+    def call_ended(self) -> ReplicaTime:
+        """Close a block; returns a snapshot to publish."""
+        now = time.time()
+        with self._lock:
+            self._active -= 1
+            self.figures.ended = now
+            if self._active == 0:
+                self._idle_since = now
+            return ReplicaTime(**asdict(self.figures))
+
+    def add(self, *, generate_s: float = 0.0, prepare_s: float = 0.0, batches: int = 0, memory: int = 0) -> None:
+        with self._lock:
+            self.figures.generate_s += generate_s
+            self.figures.prepare_s += prepare_s
+            self.figures.batches += batches
+            self.figures.peak_memory_bytes = max(self.figures.peak_memory_bytes, memory)
+
+
+@dataclass(frozen=True)
+class TimingSink:
+    """Where a run's replicas publish their figures: `<output>/_replicas/<run_id>/<replica>.json`.
+
+    Resolved on the driver like the shard sink, so workers reach object stores with its settings.
+    """
+
+    filesystem: pafs.FileSystem
+    folder: str
+
+    @classmethod
+    def for_run(cls, output: str, run_id: str) -> TimingSink:
+        filesystem, base = storage.resolve(output)
+        return cls(filesystem, storage.join(storage.join(base, schema.REPLICAS_FOLDER), run_id))
+
+    def publish(self, figures: ReplicaTime) -> None:
+        path = storage.join(self.folder, f"{figures.replica}.json")
+        storage.write_bytes_atomic(self.filesystem, path, json.dumps(figures.as_dict()).encode())
+
+    def read(self) -> list[ReplicaTime]:
+        return _read_figures(self.filesystem, self.folder)
+
+    def remove(self) -> None:
+        if storage.exists(self.filesystem, self.folder):
+            self.filesystem.delete_dir(self.folder)
+
+
+def _read_figures(filesystem: pafs.FileSystem, folder: str) -> list[ReplicaTime]:
+    replicas = []
+    for entry in storage.list_files(filesystem, folder, (".json",)):
+        with filesystem.open_input_stream(entry.path) as handle:
+            data = json.loads(handle.read())
+        replicas.append(ReplicaTime(**{k: v for k, v in data.items() if k not in ("span_s", "busy")}))
+    return replicas
+
+
+def live_figures(output: str) -> tuple[str, list[ReplicaTime]] | None:
+    """The replicas of the run writing `output` now (its newest run folder), or None between runs."""
+    filesystem, base = storage.resolve(output)
+    folder = storage.join(base, schema.REPLICAS_FOLDER)
+    runs = storage.list_folders(filesystem, folder)
+    if not runs:
+        return None
+    newest = max(runs)  # run ids start with their UTC start time
+    return newest.rsplit("/", 1)[-1], _read_figures(filesystem, newest)
+
+
+def concurrent_replicas(replicas: list[ReplicaTime]) -> int:
+    """The most replicas working at one moment: a replica Ray restarted counts once, not twice."""
+    events = sorted(
+        [(r.started, 1) for r in replicas if r.span_s > 0] + [(r.ended, -1) for r in replicas if r.span_s > 0],
+        key=lambda event: (event[0], event[1]),
+    )
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def busy_summary(replicas: list[ReplicaTime]) -> dict[str, Any]:
+    """`gpu_busy`: time in `generate` over replicas x the wall time from the first batch to the last.
+
+    Returns the summary's `gpu_busy` and `replicas` entries; `replicas.each` has one figure set per
+    replica process (a replica Ray restarted appears twice, and counts once in `replicas.count`).
+    """
+    working = [r for r in replicas if r.span_s > 0]
+    each = [r.as_dict() for r in sorted(replicas, key=lambda r: r.started or 0.0)]
+    if not working:
+        return {"gpu_busy": None, "replicas": {"count": 0, "each": each}}
+    window = max(r.ended for r in working) - min(r.started for r in working)  # type: ignore[type-var]
+    count = concurrent_replicas(working)
+    generate = sum(r.generate_s for r in working)
+    return {
+        "gpu_busy": round(generate / (count * window), 4) if window > 0 else None,
+        "replicas": {
+            "count": count,
+            "window_s": round(window, 3),
+            "generate_s": round(generate, 3),
+            "prepare_s": round(sum(r.prepare_s for r in working), 3),
+            "wait_s": round(sum(r.wait_s for r in working), 3),
+            "each": each,
+        },
+    }
