@@ -72,7 +72,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="qwenbatch-bench-"))
     results = run_bench(
-        args.mode, folder, images=args.images, model=args.model, max_pixels=args.max_pixels, slowdown=args.slowdown
+        args.mode,
+        folder,
+        images=args.images,
+        model=args.model,
+        max_pixels=args.max_pixels,
+        slowdown=args.slowdown,
+        tiny_model=args.tiny,
     )
     print(markdown(results))
     print(f"written: {folder / 'bench.json'} and {folder / 'bench.md'}")
@@ -176,9 +182,14 @@ def parser() -> argparse.ArgumentParser:
         help="cpu: tiny model vs the plain loop; gpu: the 8B shape on a GPU; sim: the pipeline on a simulated H100",
     )
     bench.add_argument("--dir", help="folder for images, models and results (default: a new temporary folder)")
-    bench.add_argument("--images", type=int, default=None, help="default: 1000 (cpu), 512 (gpu), 640 (sim)")
+    bench.add_argument("--images", type=int, default=None, help="default: 1000 (cpu), 384 (gpu), 640 (sim)")
     bench.add_argument("--model", default=None, help="a checkpoint instead of the built one (gpu: random 8B shape)")
     bench.add_argument("--max-pixels", type=int, default=None, help="pixel budget (default: the job default)")
+    bench.add_argument(
+        "--tiny",
+        action="store_true",
+        help="gpu: the same steps with the tiny model (on CPU without a GPU): a smoke test",
+    )
     bench.add_argument(
         "--slowdown", type=float, default=1.0, help="sim: stretch the simulated GPU's time (2: half an H100's speed)"
     )

@@ -6,6 +6,7 @@ and batch/v1 CronJob require, and the CronJob's own shell script renders the dat
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -63,6 +64,8 @@ def test_every_file_in_jobs_is_covered() -> None:
         "kuberay/rayjob.yaml",
         "kuberay/cronjob.yaml",
         "kuberay/kustomization.yaml",
+        "gpu_check.sh",
+        "gpu_pack.sh",
     }
 
 
@@ -224,3 +227,21 @@ def test_entrypoint_passes_arguments_through() -> None:
     assert result.returncode == 2, result.stderr
     assert "run.batch_size" in result.stderr
     assert result.stdout.startswith(f"qwenbatch {metadata.version('qwenbatch')} from ")
+
+
+def test_gpu_check_runs_its_steps_end_to_end(tmp_path: Path) -> None:
+    """jobs/gpu_check.sh's smoke mode: the same three runs (plain, qwenbatch, compile), tiny model, on CPU."""
+    env = {**os.environ, "QWENBATCH_GPU_CHECK_SMOKE": "1", "QWENBATCH_GPU_CHECK_DIR": str(tmp_path / "work"),
+           "OUT": str(tmp_path / "out"), "PYTHONPATH": str(ROOT)}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(["bash", str(JOBS / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "bench.json").read_text())
+    runs = {row["name"]: row for row in results["end_to_end"]}
+    assert list(runs) == ["plain transformers loop (batch 4)", "qwenbatch", "qwenbatch, generation.compile"]
+    assert all(row["images"] == 4 and row["output_tokens"] == 4 * 128 for row in runs.values())
+    assert all(0 < runs[name]["gpu_busy"] <= 1 for name in ("qwenbatch", "qwenbatch, generation.compile"))
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert "| gpu_busy | MFU |" in table
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert re.search(r"^gpu_check: \d+ s$", log, re.M) and table.splitlines()[0] in log

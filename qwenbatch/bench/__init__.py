@@ -8,7 +8,7 @@ Modes:
 - cpu: the tiny model, mixed image sizes including large 4000x3000 JPEGs; plus a load-stage
   benchmark (fetch + decode + resize alone against PIL open/convert + the processor).
 - gpu: a random-weight model with the exact Qwen3-VL-8B-Instruct shape, bf16, 1024x768 images,
-  the caption task, 128 new tokens: the plain loop on 96 images, qwenbatch on 512, and qwenbatch
+  the caption task, 128 new tokens: the plain loop on 64 images, qwenbatch on 384, and qwenbatch
   with `generation.compile`; sized to fit `jobs/gpu_check.sh` (README shows the arithmetic).
 - sim: the real pipeline with the model replaced by a simulated H100 (`bench.sim`): does the CPU
   side keep the GPU busy? 1024x768 JPEGs, then 4000x3000 phone JPEGs without and with `jpeg_draft`.
@@ -48,8 +48,8 @@ LOAD_STAGE_IMAGES = 75  # 4000x3000 JPEGs timed in the load-stage table: a stead
 # 2 cores) is not most of the run, as it is not in a real batch job; `first output` shows it apart.
 CPU = Mode("cpu", images=1000, max_new_tokens=16, max_pixels=schema.DEFAULT_MAX_PIXELS, batch_size=32,
            dtype="float32", device="cpu")  # fmt: skip
-GPU = Mode("gpu", images=512, max_new_tokens=128, max_pixels=schema.DEFAULT_MAX_PIXELS, batch_size=32,
-           dtype="bfloat16", device="cuda", plain_images=96)  # fmt: skip
+GPU = Mode("gpu", images=384, max_new_tokens=128, max_pixels=schema.DEFAULT_MAX_PIXELS, batch_size=32,
+           dtype="bfloat16", device="cuda", plain_images=64)  # fmt: skip
 SIM = Mode("sim", images=640, max_new_tokens=128, max_pixels=schema.DEFAULT_MAX_PIXELS, batch_size=32,
            dtype="bfloat16", device="cuda", plain_images=0)  # fmt: skip
 MODES = {mode.name: mode for mode in (CPU, GPU, SIM)}
@@ -159,12 +159,22 @@ def run_bench(
     model: str | None = None,
     max_pixels: int | None = None,
     slowdown: float = 1.0,
+    tiny_model: bool = False,
 ) -> dict[str, Any]:
-    """Run the mode's contenders on the same images; write bench.json and bench.md into `folder`."""
+    """Run the mode's contenders on the same images; write bench.json and bench.md into `folder`.
+
+    `tiny_model`: the gpu mode's steps with the tiny model, on CPU where there is no GPU (a smoke test).
+    """
+    import torch
+
     from qwenbatch.tiny import build_tiny_model
 
     changes = {"images": images, "max_pixels": max_pixels}
     mode = replace(MODES[mode_name], **{key: value for key, value in changes.items() if value})
+    if mode.plain_images:
+        mode = replace(mode, plain_images=min(mode.plain_images, mode.images))
+    if tiny_model and not torch.cuda.is_available():
+        mode = replace(mode, device="cpu", dtype="float32")
     folder.mkdir(parents=True, exist_ok=True)
     tiny = build_tiny_model(folder / "tiny-model")
     start_ray(mode)
@@ -174,9 +184,9 @@ def run_bench(
         results |= {"model": "simulated H100 (Qwen3-VL-8B shape)", "slowdown": slowdown}
         results["end_to_end"] = [m.row() for m in sim_runs(folder, model or str(tiny), mode, slowdown)]
     elif mode.name == "gpu":
-        model_path = model or str(build_random_8b(folder / "qwen3-vl-8b-random", tiny))
+        model_path = model or str(tiny if tiny_model else build_random_8b(folder / "qwen3-vl-8b-random", tiny))
         manifest = make_bench_images(folder / "data-gpu", mode.images, [GPU_SIZE])
-        tokens = image_tokens(GPU_SIZE, mode.max_pixels)
+        tokens = image_tokens(GPU_SIZE, mode.max_pixels) if mode.device == "cuda" else None
         runs = [plain_loop(model_path, manifest, mode, prompt)]
         for name, compiled in (("qwenbatch", False), ("qwenbatch, generation.compile", True)):
             config = pipeline_config(model_path, manifest, folder / f"out{'-compile' * compiled}", mode,
