@@ -135,3 +135,9 @@ def test_gpu_options_are_config(tmp_path):
     )
     assert config.generation.compile and config.run.processor_device == "cuda" and config.run.max_batch_tokens == 90000
     assert load_config(write(tmp_path, GOOD)).run.max_batch_tokens is None  # from GPU memory, or the CPU default
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=str)
+def test_every_shipped_config_validates(path):
+    config = load_config(path, ["input.path=/in", "output.path=/out"])
+    assert config.model.name
