@@ -206,3 +206,20 @@ def test_a_run_reports_its_replicas_busy_time(tiny_model, ray_local, tmp_path, c
     table = capsys.readouterr().out
     assert "state      running" in table
     assert "gpu busy   90.0% over 1 replica: generate 54.0 s, preparing 20.0 s (overlapped), " in table
+
+
+def test_prepared_inputs_are_the_processors_own(tiny_model):
+    """uint8 patches normalised after the copy: bit for bit what the processor's default call returns."""
+    import torch
+
+    generator = simulated_generator(tiny_model)
+    sizes = [(64, 64), (160, 96), (224, 96), (1024, 768), (64, 2048)]
+    rng = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=rng) for w, h in sizes]
+    chats = [f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Row {i}.<|im_end|>\n" for i in range(5)]
+    prepared = generator.prepare(chats, images)
+    expected = generator.processor(text=chats, images=images, return_tensors="pt", padding=True, size=generator.size)
+    assert prepared.inputs["pixel_values"].dtype == torch.float32
+    for name, tensor in expected.items():
+        assert torch.equal(prepared.inputs[name], tensor), name
+    assert prepared.input_tokens == expected["attention_mask"].sum(dim=1).tolist()

@@ -89,13 +89,14 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if results["mode"] == "sim":
         lines += ["| run | images | seconds | ideal images/s | achieved images/s | in the busy window | gpu_busy "
-                  "| CPU s per image | first output (s) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+                  "| CPU s per image | replica prepare (ms per image, overlapped) | first output (s) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for row in results["end_to_end"]:
             lines.append(
                 f"| {row['name']} | {row['images']} | {row['seconds']:.1f} | {_num(row['ideal_images_per_s'])} | "
                 f"{row['images_per_s']:.2f} | {_num(row['busy_window_images_per_s'])} | {_pct(row['gpu_busy'])} | "
-                f"{_num(row['cpu_s_per_image'], 3)} | {row['first_output_s']:.1f} |"
+                f"{_num(row['cpu_s_per_image'], 3)} | {_num(row['prepare_ms_per_image'], 1)} | "
+                f"{row['first_output_s']:.1f} |"
             )
         return "\n".join(lines) + "\n"
     lines += ["| run | images | seconds | images/s | output tokens/s | vs plain | peak memory (GiB) "

@@ -147,6 +147,7 @@ def qwenbatch_run(
         cpu_s_per_image=round(cpu.seconds / this_run["rows"], 4),
         ideal_images_per_s=round(this_run["rows"] / summary["replicas"]["generate_s"], 3),
         busy_window_images_per_s=round(this_run["rows"] / summary["replicas"]["window_s"], 3),
+        prepare_ms_per_image=round(1000 * summary["replicas"]["prepare_s"] / this_run["rows"], 2),
     )
     if image_tokens:
         measure.mfu = steady_mfu(measure, image_tokens)

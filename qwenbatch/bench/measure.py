@@ -23,6 +23,7 @@ class Measure:
     cpu_s_per_image: float | None = None  # busy CPU seconds of the whole machine over the run, per image
     ideal_images_per_s: float | None = None  # qwenbatch runs: images over the time spent in generate alone
     busy_window_images_per_s: float | None = None  # images over the first-to-last batch window
+    prepare_ms_per_image: float | None = None  # the replica's processor and copies (overlapped), per image
 
     @property
     def images_per_s(self) -> float:
