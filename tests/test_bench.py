@@ -44,3 +44,16 @@ def test_sim_bench_smoke(ray_local, tmp_path):
         assert 0 < row["gpu_busy"] <= 1 and row["cpu_s_per_image"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "| run | images | seconds | ideal images/s | achieved images/s | in the busy window | gpu_busy |" in table
+
+
+def test_cpu_seconds_between_two_moments_and_the_cores_for_95_percent():
+    from qwenbatch.bench import cores_for
+    from qwenbatch.bench.measure import CpuSeconds
+
+    cpu = CpuSeconds()
+    cpu.samples = [(100.0, 10.0), (101.0, 12.0), (102.0, 13.0), (104.0, 17.0)]  # 2, 1, then 2 cores busy
+    assert cpu.seconds == 7.0
+    assert cpu.between(100.5, 103.0) == 1.0 + 1.0 + 2.0  # interpolated within each interval
+    assert cpu.between(90.0, 200.0) == 7.0  # clipped to what was sampled
+    assert cores_for({"window_cores": 1.9, "gpu_busy": 0.76}) == 1.9 * 0.95 / 0.76
+    assert cores_for({"window_cores": None, "gpu_busy": 0.5}) is None

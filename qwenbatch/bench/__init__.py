@@ -77,6 +77,15 @@ def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def cores_for(row: dict[str, Any], busy: float = 0.95) -> float | None:
+    """CPU cores that keep one GPU `busy`: the CPU work per image scales with the images a second, so the
+    cores the machine kept busy over the window, scaled from the GPU busy time reached to the one asked.
+    Meaningful where the CPU side was the limit (its cores near fully busy)."""
+    if not row.get("window_cores") or not row.get("gpu_busy"):
+        return None
+    return row["window_cores"] * busy / row["gpu_busy"]
+
+
 def markdown(results: dict[str, Any]) -> str:
     settings = results["settings"]
     lines = [
@@ -89,14 +98,15 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if results["mode"] == "sim":
         lines += ["| run | images | seconds | ideal images/s | achieved images/s | in the busy window | gpu_busy "
-                  "| CPU s per image | replica prepare (ms per image, overlapped) | first output (s) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+                  "| CPU s per image | cores busy in the window | cores per GPU for 95% "
+                  "| replica prepare (ms per image, overlapped) | first output (s) |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for row in results["end_to_end"]:
             lines.append(
                 f"| {row['name']} | {row['images']} | {row['seconds']:.1f} | {_num(row['ideal_images_per_s'])} | "
                 f"{row['images_per_s']:.2f} | {_num(row['busy_window_images_per_s'])} | {_pct(row['gpu_busy'])} | "
-                f"{_num(row['cpu_s_per_image'], 3)} | {_num(row['prepare_ms_per_image'], 1)} | "
-                f"{row['first_output_s']:.1f} |"
+                f"{_num(row['cpu_s_per_image'], 3)} | {_num(row['window_cores'], 2)} | "
+                f"{_num(cores_for(row), 1)} | {_num(row['prepare_ms_per_image'], 1)} | {row['first_output_s']:.1f} |"
             )
         return "\n".join(lines) + "\n"
     lines += ["| run | images | seconds | images/s | output tokens/s | vs plain | peak memory (GiB) "

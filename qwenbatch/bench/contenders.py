@@ -149,6 +149,9 @@ def qwenbatch_run(
         busy_window_images_per_s=round(this_run["rows"] / summary["replicas"]["window_s"], 3),
         prepare_ms_per_image=round(1000 * summary["replicas"]["prepare_s"] / this_run["rows"], 2),
     )
+    if replicas and summary["replicas"]["window_s"]:
+        first, last = min(r["started"] for r in replicas), max(r["ended"] for r in replicas)
+        measure.window_cores = round(cpu.between(first, last) / (last - first), 2)
     if image_tokens:
         measure.mfu = steady_mfu(measure, image_tokens)
     return measure

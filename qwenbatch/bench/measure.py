@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ class Measure:
     ideal_images_per_s: float | None = None  # qwenbatch runs: images over the time spent in generate alone
     busy_window_images_per_s: float | None = None  # images over the first-to-last batch window
     prepare_ms_per_image: float | None = None  # the replica's processor and copies (overlapped), per image
+    window_cores: float | None = None  # CPU cores the machine kept busy, on average, over the busy window
 
     @property
     def images_per_s(self) -> float:
@@ -87,16 +90,44 @@ class PeakRSS:
 class CpuSeconds:
     """Busy CPU seconds of the whole machine while the block runs: the job's processes and Ray's own.
 
-    Read from the kernel's counters, so work in processes that end before the block does counts too.
+    Read from the kernel's counters, so work in processes that end before the block does counts too;
+    sampled as it goes, so `between` gives the seconds spent within a part of the block.
     """
 
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []  # (wall clock, busy CPU seconds so far)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._busy()))
+            self._stop.wait(self.interval_s)
+
     def __enter__(self) -> CpuSeconds:
-        self.start = self._busy()
-        self.seconds = 0.0
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.seconds = self._busy() - self.start
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.time(), self._busy()))
+
+    @property
+    def seconds(self) -> float:
+        return self.samples[-1][1] - self.samples[0][1]
+
+    def between(self, start: float, end: float) -> float:
+        """Busy CPU seconds between two wall-clock times, interpolated between samples."""
+        times = [t for t, _ in self.samples]
+
+        def at(moment: float) -> float:
+            index = min(max(bisect.bisect_left(times, moment), 1), len(times) - 1)
+            (t0, b0), (t1, b1) = self.samples[index - 1], self.samples[index]
+            return b0 + (b1 - b0) * min(max((moment - t0) / (t1 - t0), 0.0), 1.0) if t1 > t0 else b1
+
+        return at(end) - at(start)
 
     @staticmethod
     def _busy() -> float:
