@@ -267,7 +267,7 @@ def run(
     summary = build_summary(config, manifest, run_id, started, elapsed, sink.written, todo, max_error_rate)
     summary |= busy_summary(timing.read())
     write_summary(output, summary, success=summary["state"] == "succeeded")
-    timing.remove()  # folded into the summary
+    timing.remove_all()  # folded into the summary
     return RunResult(output=output, summary=summary)
 
 

@@ -122,9 +122,11 @@ class TimingSink:
     def read(self) -> list[ReplicaTime]:
         return _read_figures(self.filesystem, self.folder)
 
-    def remove(self) -> None:
-        if storage.exists(self.filesystem, self.folder):
-            self.filesystem.delete_dir(self.folder)
+    def remove_all(self) -> None:
+        """Every run's figures: this one's are in its summary, and those of runs killed before it are stale."""
+        every_run = self.folder.rsplit("/", 1)[0]
+        if storage.exists(self.filesystem, every_run):
+            self.filesystem.delete_dir(every_run)
 
 
 def _read_figures(filesystem: pafs.FileSystem, folder: str) -> list[ReplicaTime]:
