@@ -64,12 +64,35 @@ class Prepared:
     input_tokens: list[int]
 
 
-def split_reasoning(decoded: str) -> tuple[str, str | None]:
-    """Thinking variants write `<think>...</think>answer`: return (answer, reasoning)."""
-    if THINK_END not in decoded:
-        return decoded.strip(), None
-    reasoning, _, answer = decoded.partition(THINK_END)
-    return answer.strip(), reasoning.replace(THINK_START, "").strip()
+def split_reasoning(decoded: str, thinking: bool = False) -> tuple[str, str | None]:
+    """Thinking variants write `reasoning</think>answer`: return (answer, reasoning).
+
+    `thinking`: the prompt opened `<think>` (Thinking variants' generation prompt), so the output starts
+    inside the reasoning. Such an output without `</think>` (cut by max_new_tokens) has no answer yet:
+    ("", the reasoning so far); so has one that opens `<think>` itself.
+    """
+    if THINK_END in decoded:
+        reasoning, _, answer = decoded.partition(THINK_END)
+        return answer.strip(), reasoning.replace(THINK_START, "").strip()
+    if thinking or decoded.lstrip().startswith(THINK_START):
+        return "", decoded.replace(THINK_START, "").strip()
+    return decoded.strip(), None
+
+
+def opens_thinking(processor: Any) -> bool:
+    """True if the model's chat template ends its generation prompt in `<think>`, as Thinking variants do."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt.rstrip().endswith(THINK_START)
+
+
+def decode_answer(tokenizer: Any, ids: list[int], thinking: bool) -> tuple[str, str | None]:
+    """(text, reasoning) of one row's generated ids, decoded exactly as transformers does.
+
+    A length cut can split a character that spans several tokens (an emoji, a rare CJK character);
+    the text then ends in U+FFFD, as in a plain `decode`, so it equals transformers' answer.
+    """
+    return split_reasoning(tokenizer.decode(ids, skip_special_tokens=True), thinking)
 
 
 class Generator:
@@ -93,6 +116,7 @@ class Generator:
         from qwenbatch.hub import load_processor
 
         self.processor = load_processor(model.name, model.revision)
+        self.thinking = opens_thinking(self.processor)
         self.model = load(model, device, gpus)
         self.device = self.model.device.type
         if processor_device == "cuda" and self.device != "cuda":
@@ -257,8 +281,7 @@ class Generator:
     def _output(self, generated: list[int], input_tokens: int) -> Output:
         stop = next((i for i, token in enumerate(generated) if token in self.eos_ids), None)
         count = len(generated) if stop is None else stop + 1
-        decoded = self.processor.tokenizer.decode(generated[:count], skip_special_tokens=True)
-        text, reasoning = split_reasoning(decoded)
+        text, reasoning = decode_answer(self.processor.tokenizer, generated[:count], self.thinking)
         return Output(
             text=text,
             reasoning=reasoning,

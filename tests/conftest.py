@@ -19,6 +19,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_thinking_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Thinking variant: its template opens <think>, and greedy decoding writes a known script."""
+    from qwenbatch.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "thinking", thinking=True)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray, started once: starting Ray costs seconds, tests share it."""
     import ray

@@ -74,3 +74,17 @@ def job_config(model: Path, manifest: Path | str, output: Path | str, **sections
     from qwenbatch.config import JobConfig
 
     return JobConfig.model_validate(job_data(model, manifest, output, **sections))
+
+
+def qwen_bpe():
+    """tiktoken's own BPE over Qwen's ranks, with Qwen's pre-tokenizer split: a reference for Qwen's token ids
+    (of NFC-normalised text, as Qwen's tokenizer normalises first)."""
+    import tiktoken
+
+    from qwenbatch.tiny_tokenizer import qwen_ranks
+
+    pattern = (
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+        r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    )
+    return tiktoken.Encoding("qwen", pat_str=pattern, mergeable_ranks=qwen_ranks(), special_tokens={})
