@@ -98,7 +98,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from qwenbatch.tiny import build_tiny_model
 
-    print(build_tiny_model(args.path, seed=args.seed))
+    print(build_tiny_model(args.path, seed=args.seed, thinking=args.thinking))
     return 0
 
 
@@ -204,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="build and save the tiny random-weight Qwen3-VL checkpoint")
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--thinking", action="store_true", help="the Thinking variant: reasoning, </think>, answer")
     tiny.set_defaults(func=cmd_tiny_model)
     return root
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -16,9 +16,11 @@ MIXED_SIZES = [(1, 1), (12, 20), (900, 120), (120, 700), (1600, 1200), (320, 240
 
 
 def noise_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = random.Random(seed)
-    base = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
-    blocks = Image.effect_noise((max(1, width // 8), max(1, height // 8)), 64).convert("RGB")
+    """A flat colour with 8x8 blocks of noise; the same image for the same seed, whatever ran before."""
+    rng = np.random.default_rng(seed)
+    base = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    shape = (max(1, height // 8), max(1, width // 8), 3)
+    blocks = Image.fromarray(np.clip(rng.normal(128, 64, shape), 0, 255).astype(np.uint8), "RGB")
     image = Image.blend(base, blocks.resize((width, height)), 0.5)
     return image.convert(mode) if mode != "RGB" else image
 
