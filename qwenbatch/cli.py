@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Sequence
 
 from qwenbatch.config import ConfigError, JobConfig, StorageConfig, load_config
-from qwenbatch.read import ManifestError
+from qwenbatch.inputs import ManifestError
 
 log = logging.getLogger("qwenbatch")
 

@@ -32,7 +32,7 @@ import yaml
 from qwenbatch import schema
 from qwenbatch.config import load_config
 from qwenbatch.hub import load_kwargs
-from qwenbatch.pipeline import CPU_BATCH_ROWS, Placement, build_stages
+from qwenbatch.pipeline import Placement, build_stages
 from tests.helpers import job_config, read_output, write_images, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_nightly_job_runs_a_replica_on_each_node(cluster: Cluster, tiny_model: P
     from ray.util.state.common import ListApiOptions, StateResource
 
     # 8 blocks of rows: more than one replica takes at once (two in flight), so both get work.
-    count = 8 * CPU_BATCH_ROWS
+    count = 8 * schema.MIN_BLOCK_ROWS
     images = write_images(tmp_path / "images", 8, sizes=[(48, 40), (64, 64)])
     rows = [{"id": f"r{i:03d}", "image": str(images[i % len(images)])} for i in range(count)]
     write_manifest(tmp_path / "in/2026-11-25/manifest.parquet", rows)
@@ -227,7 +227,7 @@ def test_large_model_config_shards_one_model_over_two_gpus() -> None:
 
     placement = Placement.for_cluster(config, cluster_gpus=8, cluster_cpus=64)
     assert (placement.device, placement.gpus_per_replica) == ("cuda", 2)
-    infer = next(stage for stage in build_stages(config, placement, "run") if stage.name == "infer")
+    infer = next(stage for stage in build_stages(config, placement) if stage.name == "infer")
     assert (infer.num_gpus, infer.kwargs["gpus"], infer.kwargs["device"]) == (2, 2, "cuda")
     assert infer.concurrency == config.run.replicas == 4
     # run.device: cuda: with one GPU short of a replica it still asks for GPUs, never runs 32B on CPU.
@@ -246,7 +246,7 @@ def test_cpu_replica_computes_on_the_cores_and_infer_sorts_a_window(tmp_path: Pa
     config = job_config(Path("/models/tiny"), tmp_path / "m.parquet", tmp_path / "out", run={"batch_size": 4})
     on_cpu = Placement.for_cluster(config, cluster_gpus=0, cluster_cpus=8)
     assert on_cpu.cpu_threads == 8
-    infer = next(stage for stage in build_stages(config, on_cpu, "run") if stage.name == "infer")
+    infer = next(stage for stage in build_stages(config, on_cpu) if stage.name == "infer")
     assert infer.kwargs["cpu_threads"] == 8
     assert infer.batch_size == 4 * schema.SORT_WINDOW_BATCHES and infer.kwargs["batch_size"] == 4
 
