@@ -8,6 +8,7 @@ import logging
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from qwenbatch.config import ConfigError, JobConfig, StorageConfig, load_config
 from qwenbatch.inputs import ManifestError
@@ -66,11 +67,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from qwenbatch.bench import markdown, run_bench
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="qwenbatch-bench-"))
+    if args.mode == "scale":
+        from qwenbatch.scale_bench import bench_from_args
+
+        return bench_from_args(folder, args)
     results = run_bench(args.mode, folder, images=args.images, model=args.model, max_pixels=args.max_pixels)
     print(markdown(results))
     print(f"written: {folder / 'bench.json'} and {folder / 'bench.md'}")
@@ -167,11 +170,14 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="qwenbatch against the plain transformers loop on the same images")
-    bench.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
+    bench.add_argument("--mode", choices=["cpu", "gpu", "scale"], default="cpu", help="scale: the job's own machinery")
     bench.add_argument("--dir", help="folder for images, models and results (default: a new temporary folder)")
-    bench.add_argument("--images", type=int, default=None, help="default: 1000 (cpu), 2000 (gpu)")
+    bench.add_argument("--images", type=int, default=None, help="default: 1000 (cpu), 2000 (gpu), 20000 (scale)")
     bench.add_argument("--model", default=None, help="a checkpoint instead of the built one (gpu: random 8B shape)")
     bench.add_argument("--max-pixels", type=int, default=None, help="pixel budget (default: the job default)")
+    bench.add_argument("--done", help="scale: done rows to resume over, comma-separated (default 1M,5M,10M)")
+    bench.add_argument("--manifest-rows", type=int, help="scale: rows of the manifest whose ids are checked (10M)")
+    bench.add_argument("--lock", type=Path, help="scale: hold an exclusive flock on this file while timing a case")
     bench.set_defaults(func=cmd_bench)
 
     manifest = sub.add_parser("manifest", help="write a manifest (id, image, size) for a folder of images")

@@ -122,6 +122,7 @@ class OutputConfig(_Section):
     shard_seconds: float = Field(
         default=schema.DEFAULT_SHARD_SECONDS,
         gt=0,
+        le=86_400,
         description="... or when its first row has waited this long (the first shard of a run: 30 s at most)",
     )
 

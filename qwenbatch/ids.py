@@ -83,8 +83,9 @@ def hash_ids(ids: pa.Array | pa.ChunkedArray) -> Hashes:
     return Hashes(words[:, 0].copy(), words[:, 1].copy())
 
 
-def part_bits(rows: int, part_rows: int = schema.ID_PART_ROWS) -> int:
+def part_bits(rows: int, part_rows: int | None = None) -> int:
     """How many top bits of `hi` split `rows` ids into parts of at most about `part_rows`."""
+    part_rows = part_rows or schema.ID_PART_ROWS
     return max(0, math.ceil(math.log2(rows / part_rows))) if rows > part_rows else 0
 
 
@@ -135,7 +136,7 @@ class IdSorter:
     """Takes hashes chunk by chunk, numbering rows in the order they come; `finish` sorts each part."""
 
     expected_rows: int
-    part_rows: int = schema.ID_PART_ROWS
+    part_rows: int | None = None  # default: schema.ID_PART_ROWS
     bits: int = field(init=False)
     folder: str | None = field(init=False, default=None)
     pieces: list[np.ndarray] = field(init=False, default_factory=list)

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwenbatch import schema
 from qwenbatch.ids import Hashes, IdSorter, SortedIds, hash_ids, part_bits, part_range, repeated
 
 DUPLICATE_EXAMPLES = 5
@@ -51,7 +50,7 @@ class IdCheck:
     Rows are numbered in the order the chunks come, across the whole input.
     """
 
-    def __init__(self, column: str, expected_rows: int, part_rows: int = schema.ID_PART_ROWS) -> None:
+    def __init__(self, column: str, expected_rows: int, part_rows: int | None = None) -> None:
         self.column = column
         self.missing = 0
         self.sorter = IdSorter(expected_rows, part_rows)

@@ -229,7 +229,8 @@ def run(config: JobConfig, *, force: bool = False, max_error_rate: float | None 
         resources = ray.cluster_resources()
         placement = Placement.for_cluster(config, resources.get("GPU", 0), resources.get("CPU", 1))
         replicas = config.run.replicas if isinstance(config.run.replicas, int) else config.run.replicas[1]
-        rows_per_block = block_rows(todo.rows, max(placement.cpu_workers, replicas), config.max_pixels())
+        window = config.run.batch_size * schema.SORT_WINDOW_BATCHES
+        rows_per_block = block_rows(todo.rows, max(placement.cpu_workers, replicas), config.max_pixels(), window)
         dataset = read_manifest(manifest, config.input, todo, rows_per_block)
         for stage in build_stages(config, placement, rows_per_block):
             dataset = stage.apply(dataset)

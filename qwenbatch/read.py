@@ -82,12 +82,14 @@ def parquet_ids_at(fs: Any, files: list[str], file_rows: tuple[int, ...], column
     return found
 
 
-def block_rows(todo_rows: int, workers: int, max_pixels: int) -> int:
+def block_rows(todo_rows: int, workers: int, max_pixels: int, window: int) -> int:
     """Rows per block: enough blocks for every worker to share the work and stream it, each as large as
-    that allows (fewer tasks and objects per row), and its decoded images under LOAD_BLOCK_BYTES."""
+    that allows (fewer tasks and objects per row), its decoded images under LOAD_BLOCK_BYTES, and at most
+    one infer window: a replica hands on its rows when it has done its block, so a block of one window
+    sends each window's rows on to the writer as soon as they are done."""
     by_work = todo_rows // (schema.BLOCKS_PER_WORKER * max(1, workers))
     by_bytes = schema.LOAD_BLOCK_BYTES // (3 * max_pixels)
-    return max(schema.MIN_BLOCK_ROWS, min(schema.MAX_BLOCK_ROWS, by_work, by_bytes))
+    return min(window, max(schema.MIN_BLOCK_ROWS, min(schema.MAX_BLOCK_ROWS, by_work, by_bytes)))
 
 
 def _pack(mask: np.ndarray | None) -> bytes | None:
