@@ -25,7 +25,17 @@ import xxhash
 
 from qwenbatch import schema
 
-ROW_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("row", "<i8")])
+HASH_SLICE = 65_536  # ids turned into Python bytes at once, to be hashed
+SPILL_ROWS = 1 << 20  # hashes gathered in memory before they go to disk, split by part
+
+
+def sort_order(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """The order that sorts by (hi, lo): by `hi` alone (twice as fast), unless two share a `hi`."""
+    order = np.argsort(hi, kind="stable")
+    ordered = hi[order]
+    if len(ordered) > 1 and (ordered[1:] == ordered[:-1]).any():  # repeated ids, or 64-bit twins
+        order = np.lexsort((lo, hi))
+    return order
 
 
 @dataclass(frozen=True)
@@ -49,11 +59,11 @@ class Hashes:
         return cls(np.concatenate([p.hi for p in parts]), np.concatenate([p.lo for p in parts]))
 
     def sorted(self) -> Hashes:
-        order = np.lexsort((self.lo, self.hi))
+        order = sort_order(self.hi, self.lo)
         return Hashes(self.hi[order], self.lo[order])
 
     def contains(self, keys: Hashes) -> np.ndarray:
-        """For each key, whether this (sorted) set holds it."""
+        """For each key, whether this set (sorted) holds it; fastest when the keys are sorted too."""
         left = np.searchsorted(self.hi, keys.hi, "left")
         right = np.searchsorted(self.hi, keys.hi, "right")
         found = np.zeros(len(keys), bool)
@@ -65,22 +75,18 @@ class Hashes:
 
 
 def hash_ids(ids: pa.Array | pa.ChunkedArray) -> Hashes:
-    """The hash of each id, as text (a null hashes as the empty string: the manifest check refuses both)."""
-    chunks = ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]
-    digests: list[bytes] = []
-    for chunk in chunks:
-        text = pc.cast(chunk, pa.large_string())
-        if not len(text):
-            continue
-        offsets = np.frombuffer(text.buffers()[1], np.int64, len(text) + 1, text.offset * 8).tolist()
-        data = text.buffers()[2]
-        view = memoryview(data) if data is not None else memoryview(b"")
-        hash128 = xxhash.xxh3_128_digest
-        digests.extend(hash128(view[start:end]) for start, end in zip(offsets[:-1], offsets[1:], strict=True))
-    if not digests:
-        return Hashes.empty()
-    words = np.frombuffer(b"".join(digests), "<u8").reshape(-1, 2)
-    return Hashes(words[:, 0].copy(), words[:, 1].copy())
+    """The hash of each id, as text (a null hashes as the empty string: the manifest check refuses both).
+
+    A slice at a time: the ids become Python bytes only HASH_SLICE at once.
+    """
+    text = pc.cast(ids, pa.string())
+    hi, lo = np.empty(len(text), np.uint64), np.empty(len(text), np.uint64)
+    for start in range(0, len(text), HASH_SLICE):
+        values = pc.cast(text.slice(start, HASH_SLICE), pa.binary()).to_pylist()
+        digests = b"".join([xxhash.xxh3_128_digest(value or b"") for value in values])
+        words = np.frombuffer(digests, "<u8").reshape(-1, 2)
+        hi[start : start + len(values)], lo[start : start + len(values)] = words[:, 0], words[:, 1]
+    return Hashes(hi, lo)
 
 
 def part_bits(rows: int, part_rows: int | None = None) -> int:
@@ -97,6 +103,32 @@ def part_range(part: int, bits: int) -> tuple[int, int]:
     return part * width, (part + 1) * width - 1
 
 
+@dataclass(frozen=True)
+class Part:
+    """Hashes sorted by (hi, lo), with the row number of each."""
+
+    hashes: Hashes
+    row: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def slice(self, start: int, stop: int) -> Part:
+        return Part(Hashes(self.hashes.hi[start:stop], self.hashes.lo[start:stop]), self.row[start:stop])
+
+    @classmethod
+    def empty(cls) -> Part:
+        return cls(Hashes.empty(), np.empty(0, np.int64))
+
+    @classmethod
+    def sorted_from(cls, columns: dict[str, np.ndarray]) -> Part:
+        """From the columns `hi`, `lo` and `row`, which it takes over (and sorts one at a time)."""
+        order = sort_order(columns["hi"], columns["lo"])
+        for name in ("hi", "lo", "row"):
+            columns[name] = columns[name][order]
+        return cls(Hashes(columns["hi"], columns["lo"]), columns["row"])
+
+
 @dataclass
 class SortedIds:
     """Hashes with their row numbers, in parts by the top `bits` of `hi`, each sorted by (hi, lo).
@@ -106,21 +138,23 @@ class SortedIds:
 
     bits: int
     folder: str | None = None
-    memory: np.ndarray | None = None
+    memory: Part | None = None
     rows: int = 0
 
     @property
     def parts(self) -> int:
         return 2**self.bits
 
-    def part(self, index: int) -> np.ndarray:
+    def part(self, index: int) -> Part:
         if self.folder is None:
-            assert self.memory is not None
-            return self.memory
-        path = os.path.join(self.folder, f"sorted-{index:05d}.npy")
-        return np.load(path) if os.path.exists(path) else np.empty(0, ROW_DTYPE)
+            return self.memory or Part.empty()
+        path = os.path.join(self.folder, f"sorted-{index:05d}.npz")
+        if not os.path.exists(path):
+            return Part.empty()
+        with np.load(path) as saved:
+            return Part(Hashes(saved["hi"], saved["lo"]), saved["row"])
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[int, Part]]:
         for index in range(self.parts):
             yield index, self.part(index)
 
@@ -137,63 +171,77 @@ class IdSorter:
 
     expected_rows: int
     part_rows: int | None = None  # default: schema.ID_PART_ROWS
+    split_bits: int | None = None  # the parts by these top bits, whatever the rows
     bits: int = field(init=False)
     folder: str | None = field(init=False, default=None)
-    pieces: list[np.ndarray] = field(init=False, default_factory=list)
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(init=False, default_factory=list)
     rows: int = field(init=False, default=0)
+    buffered: int = field(init=False, default=0)
     spilled: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        self.bits = part_bits(self.expected_rows, self.part_rows)
+        self.bits = part_bits(self.expected_rows, self.part_rows) if self.split_bits is None else self.split_bits
         if self.bits:
             self.folder = tempfile.mkdtemp(prefix="qwenbatch-ids-")
 
     def add(self, hashes: Hashes) -> None:
-        records = np.empty(len(hashes), ROW_DTYPE)
-        records["hi"], records["lo"] = hashes.hi, hashes.lo
-        records["row"] = np.arange(self.rows, self.rows + len(hashes))
+        row = np.arange(self.rows, self.rows + len(hashes), dtype=np.int64)
         self.rows += len(hashes)
-        if self.folder is None:
-            self.pieces.append(records)
-            return
-        parts = records["hi"] >> np.uint64(64 - self.bits)
+        self.pieces.append((hashes.hi, hashes.lo, row))
+        self.buffered += len(hashes)
+        if self.folder is not None and self.buffered >= SPILL_ROWS:
+            self._spill()
+
+    def _spill(self) -> None:
+        """The buffered pieces to disk: one file per part."""
+        hi, lo, row = (np.concatenate([p[i] for p in self.pieces]) for i in range(3))
+        self.pieces, self.buffered = [], 0
+        parts = hi >> np.uint64(64 - self.bits)
         order = np.argsort(parts, kind="stable")
         bounds = np.searchsorted(parts[order], np.arange(2**self.bits + 1))
         for index in range(2**self.bits):
-            chunk = records[order[bounds[index] : bounds[index + 1]]]
-            if len(chunk):
-                np.save(os.path.join(self.folder, f"piece-{index:05d}-{self.spilled:06d}.npy"), chunk)
+            take = order[bounds[index] : bounds[index + 1]]
+            if len(take):
+                path = os.path.join(self.folder, f"piece-{index:05d}-{self.spilled:06d}.npz")
+                np.savez(path, hi=hi[take], lo=lo[take], row=row[take])
         self.spilled += 1
 
     def finish(self) -> SortedIds:
         if self.folder is None:
-            records = np.concatenate(self.pieces) if self.pieces else np.empty(0, ROW_DTYPE)
-            self.pieces = []
-            return SortedIds(0, memory=records[np.lexsort((records["lo"], records["hi"]))], rows=self.rows)
+            pieces, self.pieces = self.pieces, []
+            if not pieces:
+                return SortedIds(0, memory=Part.empty(), rows=self.rows)
+            columns = {name: np.concatenate([p[i] for p in pieces]) for i, name in enumerate(("hi", "lo", "row"))}
+            del pieces
+            return SortedIds(0, memory=Part.sorted_from(columns), rows=self.rows)
+        if self.pieces:
+            self._spill()
         names = sorted(os.listdir(self.folder))
         for index in range(2**self.bits):
-            mine = [n for n in names if n.startswith(f"piece-{index:05d}-")]
+            mine = [os.path.join(self.folder, n) for n in names if n.startswith(f"piece-{index:05d}-")]
             if not mine:
                 continue
-            records = np.concatenate([np.load(os.path.join(self.folder, n)) for n in mine])
-            np.save(
-                os.path.join(self.folder, f"sorted-{index:05d}.npy"),
-                records[np.lexsort((records["lo"], records["hi"]))],
-            )
-            for name in mine:
-                os.remove(os.path.join(self.folder, name))
+            columns = {}
+            for name in ("hi", "lo", "row"):  # a column at a time: memory holds the part and one copy at most
+                columns[name] = np.concatenate([np.load(path)[name] for path in mine])
+            part = Part.sorted_from(columns)
+            for path in mine:
+                os.remove(path)
+            path = os.path.join(self.folder, f"sorted-{index:05d}.npz")
+            np.savez(path, hi=part.hashes.hi, lo=part.hashes.lo, row=part.row)
         return SortedIds(self.bits, folder=self.folder, rows=self.rows)
 
 
-def repeated(records: np.ndarray) -> tuple[int, np.ndarray]:
-    """In sorted records: how many distinct hashes occur more than once, and the first row of each."""
-    if len(records) < 2:
+def repeated(part: Part) -> tuple[int, np.ndarray]:
+    """In a sorted part: how many distinct hashes occur more than once, and the first row of each."""
+    hi, lo = part.hashes.hi, part.hashes.lo
+    if len(hi) < 2:
         return 0, np.empty(0, np.int64)
-    same = (records["hi"][1:] == records["hi"][:-1]) & (records["lo"][1:] == records["lo"][:-1])
+    same = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
     if not same.any():
         return 0, np.empty(0, np.int64)
     edges = np.diff(np.concatenate([[0], same.astype(np.int8), [0]]))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) + 1  # runs of equal records
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) + 1  # runs of equal hashes
     bounds = np.column_stack([starts, ends]).ravel()
-    bounds = bounds[:-1] if bounds[-1] == len(records) else bounds
-    return len(starts), np.minimum.reduceat(records["row"], bounds)[::2]  # each run's smallest row
+    bounds = bounds[:-1] if bounds[-1] == len(hi) else bounds
+    return len(starts), np.minimum.reduceat(part.row, bounds)[::2]  # each run's smallest row

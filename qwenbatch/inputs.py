@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwenbatch.ids import Hashes, IdSorter, SortedIds, hash_ids, part_bits, part_range, repeated
+from qwenbatch.ids import IdSorter, SortedIds, hash_ids, part_bits, part_range, repeated
 
 DUPLICATE_EXAMPLES = 5
 
@@ -72,8 +72,8 @@ class IdCheck:
                 f"{self.missing} rows have a null or empty {self.column!r}; every row needs a unique id"
             )
         count, firsts = 0, []
-        for _, records in sorted_ids:
-            found, rows = repeated(records)
+        for _, part in sorted_ids:
+            found, rows = repeated(part)
             count += found
             firsts = sorted([*firsts, *rows.tolist()])[:DUPLICATE_EXAMPLES]
         if count:
@@ -91,11 +91,11 @@ def check_ids(ids: pa.Array | pa.ChunkedArray, column: str) -> SortedIds:
 
 
 class DoneIds(Protocol):
-    """The ids an output holds, as sorted hashes, a range of `hi` at a time (`shards.DoneIndex`)."""
+    """The ids an output holds (`shards.DoneIndex`): how many, and their hashes sorted in parts."""
 
     rows: int
 
-    def hashes(self, low: int, high: int) -> Hashes: ...
+    def sorted(self, bits: int) -> SortedIds: ...
 
 
 @dataclass(frozen=True)
@@ -107,25 +107,23 @@ class Todo:
 
 
 def find_todo(manifest: Manifest, done: DoneIds) -> Todo:
-    """Rows of the manifest whose ids the output does not hold, one hash range at a time.
+    """Rows of the manifest whose ids the output does not hold, one part of the hash range at a time.
 
-    The ranges are as fine as the larger of the two sets needs, so neither is ever whole in memory.
+    The parts are as fine as the larger of the two sets needs, so neither is ever whole in memory.
     """
     todo = np.ones(manifest.rows, bool)
-    bits = max(manifest.ids.bits, part_bits(done.rows))
-    split = 2 ** (bits - manifest.ids.bits)  # done-side ranges per manifest part
-    for index, records in manifest.ids:
-        if not len(records) or not done.rows:
-            continue
-        for sub in range(split):
-            low, high = part_range(index * split + sub, bits)
-            first = np.searchsorted(records["hi"], np.uint64(low), side="left")
-            keys = records[first : np.searchsorted(records["hi"], np.uint64(high), side="right")]
-            if not len(keys):
-                continue
-            have = done.hashes(low, high)
-            if len(have):
-                todo[keys["row"][have.contains(Hashes(keys["hi"], keys["lo"]))]] = False
+    if done.rows:
+        bits = max(manifest.ids.bits, part_bits(done.rows))
+        have = done.sorted(bits)
+        split = 2 ** (bits - manifest.ids.bits)  # done parts per manifest part
+        for index, part in manifest.ids:
+            for sub in range(split):
+                low, high = part_range(index * split + sub, bits)
+                first = np.searchsorted(part.hashes.hi, np.uint64(low), side="left")
+                keys = part.slice(first, np.searchsorted(part.hashes.hi, np.uint64(high), side="right"))
+                if len(keys):
+                    todo[keys.row[have.part(index * split + sub).hashes.contains(keys.hashes)]] = False
+        have.close()
     manifest.ids.close()
     keep: list[np.ndarray | None] = []
     start = 0

@@ -127,7 +127,7 @@ STATS_REASONS_KEPT = 1_000  # distinct error reasons (paths and numbers masked) 
 
 # Ids compared as hashes, in parts of at most this many ids held in memory at once (16 bytes per
 # hash, 24 with its row number); larger manifests and outputs are split by hash and sorted part by part.
-ID_PART_ROWS = 8_000_000
+ID_PART_ROWS = 4_000_000
 
 # Reading the input: rows per block grow with the rows to process, between these bounds, and a block
 # of decoded images stays under LOAD_BLOCK_BYTES at the pixel budget.

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from qwenbatch import schema, storage
-from qwenbatch.ids import Hashes, hash_ids
+from qwenbatch.ids import Hashes, IdSorter, SortedIds, hash_ids
 
 NO_STATUS = "(none)"  # a row without a status: never written by qwenbatch, but counted, not dropped
 NO_MESSAGE = "(no message)"
@@ -198,7 +198,7 @@ def add_missing_indexes(fs: pafs.FileSystem, base: str, shards: list[Shard], id_
 
 
 class DoneIndex:
-    """The ids an output holds, as sorted hashes read from its shards' indexes, a range at a time."""
+    """The ids an output holds, as hashes read from its shards' indexes."""
 
     def __init__(self, fs: pafs.FileSystem, shards: list[Shard], stats: list[dict[str, Any]]) -> None:
         assert all(shard.index for shard in shards), "index the shards first (add_missing_indexes)"
@@ -206,21 +206,24 @@ class DoneIndex:
         self.indexes = [shard.index for shard in shards]
         self.rows = sum(item["rows"] for item in stats)
 
-    def _read(self, path: str, low: int, high: int) -> Hashes:
-        bounds = None
-        if (low, high) != (0, 2**64 - 1):
-            hi = pc.field(schema.INDEX_HI)
-            bounds = (hi >= pa.scalar(low, pa.uint64())) & (hi <= pa.scalar(high, pa.uint64()))
-        table = pq.read_table(path, filesystem=self.fs, filters=bounds)
+    def _read(self, path: str) -> Hashes:
+        table = pq.read_table(path, filesystem=self.fs)
         return Hashes(
             table.column(schema.INDEX_HI).to_numpy().astype(np.uint64, copy=False),
             table.column(schema.INDEX_LO).to_numpy().astype(np.uint64, copy=False),
         )
 
-    def hashes(self, low: int, high: int) -> Hashes:
+    def sorted(self, bits: int) -> SortedIds:
+        """Every done hash, in parts by the top `bits` (on local disk past one), each part sorted.
+
+        Each index is read once, READERS at a time, so memory holds a batch of indexes and one part.
+        """
+        sorter = IdSorter(self.rows, split_bits=bits)
         with ThreadPoolExecutor(READERS) as pool:
-            parts = list(pool.map(lambda path: self._read(path, low, high), self.indexes))
-        return Hashes.concat(parts).sorted()
+            for start in range(0, len(self.indexes), READERS):
+                for hashes in pool.map(self._read, self.indexes[start : start + READERS]):
+                    sorter.add(hashes)
+        return sorter.finish()
 
 
 def done_index(output: str, id_column: str) -> DoneIndex:

@@ -75,7 +75,7 @@ def test_duplicates_found_the_same_in_parts(part_rows: int | None) -> None:
     check = IdCheck("id", sum(map(len, chunks)), part_rows=part_rows)
     for chunk in chunks:
         check.add(pa.array(chunk))
-    assert check.sorter.bits == (0 if part_rows is None else 7)
+    assert check.sorter.bits == (0 if part_rows is None else 7)  # 208 ids in parts of about 3
     everything = [v for chunk in chunks for v in chunk]
     with pytest.raises(ManifestError) as error:
         check.finish(lambda rows: [everything[r] for r in rows])
@@ -86,17 +86,19 @@ def test_duplicates_found_the_same_in_parts(part_rows: int | None) -> None:
 
 
 class FakeDone:
-    """An output's done ids, answering ranges as `shards.DoneIndex` does, and recording them."""
+    """An output's done ids, sorted in parts as `shards.DoneIndex` gives them; records the parts asked for."""
 
     def __init__(self, done: list[str]) -> None:
-        self.all = ids.hash_ids(pa.array(done, pa.string())).sorted()
+        self.done = pa.array(done, pa.string())
         self.rows = len(done)
-        self.asked: list[tuple[int, int]] = []
+        self.asked: list[ids.SortedIds] = []
 
-    def hashes(self, low: int, high: int) -> ids.Hashes:
-        self.asked.append((low, high))
-        keep = (self.all.hi >= np.uint64(low)) & (self.all.hi <= np.uint64(high))
-        return ids.Hashes(self.all.hi[keep], self.all.lo[keep])
+    def sorted(self, bits: int) -> ids.SortedIds:
+        sorter = ids.IdSorter(self.rows, split_bits=bits)
+        for start in range(0, self.rows, 7):  # in small pieces, as indexes come
+            sorter.add(ids.hash_ids(self.done.slice(start, 7)))
+        self.asked.append(sorter.finish())
+        return self.asked[-1]
 
 
 @pytest.mark.parametrize("part_rows", [None, 4, 1000], ids=["in memory", "both in parts", "done set in parts"])
@@ -113,13 +115,12 @@ def test_rows_left_to_do_are_the_same_in_parts(monkeypatch: pytest.MonkeyPatch, 
     done = FakeDone(done_ids)
     todo = find_todo(manifest, done)
     assert todo.rows == 40
-    left = [
-        name for names, keep in zip(files, todo.keep, strict=True) for name, k in zip(names, keep, strict=True) if k
-    ]
+    pairs = zip(files, todo.keep, strict=True)
+    left = [name for names, keep in pairs for name, k in zip(names, keep, strict=True) if k]
     assert left == [n for n in manifest_ids if n not in set(done_ids)]
-    expected_ranges = 2 ** ids.part_bits(max(60, len(done_ids)))
-    assert len(done.asked) <= expected_ranges and (part_rows is None) == (expected_ranges == 1)
-    assert all(high - low < 2**64 - 1 for low, high in done.asked) == (part_rows is not None)
+    (parts,) = done.asked
+    assert parts.bits == {None: 0, 4: 9, 1000: 2}[part_rows]  # as fine as the larger set needs
+    assert parts.folder is None  # its parts on disk are gone once used
 
 
 def test_check_ids_keeps_its_messages() -> None:
@@ -147,14 +148,16 @@ def test_a_shard_index_holds_what_the_shard_holds(tmp_path: Path) -> None:
     assert stored["reasons_count"] == {"file not found: …": 43} and stored["runs"] == {"run-1": 300}
     assert sum(stored["output_tokens_hist"].values()) == 257
 
-    # The index's hashes, whole and by range (a range reads only its row groups).
+    # The index's hashes, whole and in parts by the top bits.
     done = shards.DoneIndex(fs, [shard], [stored])
-    everything = done.hashes(0, 2**64 - 1)
     expected = ids.hash_ids(pa.array(names)).sorted()
+    everything = done.sorted(0).part(0).hashes
     assert everything.hi.tolist() == expected.hi.tolist() and everything.lo.tolist() == expected.lo.tolist()
-    low, high = ids.part_range(1, 2)
-    in_range = done.hashes(low, high)
-    assert in_range.hi.tolist() == [h for h in expected.hi.tolist() if low <= h <= high]
+    in_parts = done.sorted(2)
+    for part in range(4):
+        low, high = ids.part_range(part, 2)
+        assert in_parts.part(part).hashes.hi.tolist() == [h for h in expected.hi.tolist() if low <= h <= high]
+    in_parts.close()
 
     # The same rows written again land under the same name; a shard whose index is lost gets it back.
     rewritten = shards.write_shard(fs, base, output_rows(list(reversed(names)), list(reversed(statuses))), "id")
@@ -248,12 +251,12 @@ def test_resume_with_ids_in_parts(tmp_path: Path, tiny_model: Path, ray_local, m
 
     write_manifest(tmp_path / "in" / "b.parquet", rows[12:])
     monkeypatch.setattr(schema, "ID_PART_ROWS", 3)
-    asked: list[tuple[int, int]] = []
-    hashes = shards.DoneIndex.hashes
-    monkeypatch.setattr(shards.DoneIndex, "hashes", lambda self, lo, hi: asked.append((lo, hi)) or hashes(self, lo, hi))
+    asked: list[int] = []
+    in_parts = shards.DoneIndex.sorted
+    monkeypatch.setattr(shards.DoneIndex, "sorted", lambda self, bits: asked.append(bits) or in_parts(self, bits))
     second = run(config, force=True)
 
-    assert len(asked) > 1  # the done ids were read a hash range at a time
+    assert asked == [ids.part_bits(20, 3)] and asked[0] > 1  # the ids were compared a part of their hashes at a time
     assert second.succeeded and second.summary["this_run"]["rows"] == 8 and second.summary["skipped_done"] == 12
     table = read_output(tmp_path / "out")
     assert sorted(table.column("id").to_pylist()) == [r["id"] for r in rows]  # every row exactly once
