@@ -52,12 +52,6 @@ class Hashes:
     def empty(cls) -> Hashes:
         return cls(np.empty(0, np.uint64), np.empty(0, np.uint64))
 
-    @classmethod
-    def concat(cls, parts: list[Hashes]) -> Hashes:
-        if not parts:
-            return cls.empty()
-        return cls(np.concatenate([p.hi for p in parts]), np.concatenate([p.lo for p in parts]))
-
     def sorted(self) -> Hashes:
         order = sort_order(self.hi, self.lo)
         return Hashes(self.hi[order], self.lo[order])
@@ -140,12 +134,15 @@ class SortedIds:
     folder: str | None = None
     memory: Part | None = None
     rows: int = 0
+    closed: bool = False
 
     @property
     def parts(self) -> int:
         return 2**self.bits
 
     def part(self, index: int) -> Part:
+        if self.closed:
+            raise RuntimeError("these sorted ids were used up and their parts removed")
         if self.folder is None:
             return self.memory or Part.empty()
         path = os.path.join(self.folder, f"sorted-{index:05d}.npz")
@@ -159,10 +156,12 @@ class SortedIds:
             yield index, self.part(index)
 
     def close(self) -> None:
+        """Free the memory or disk the parts take; the parts are gone after."""
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
         self.memory = None
+        self.closed = True
 
 
 @dataclass

@@ -34,7 +34,7 @@ from qwenbatch.write import (
 
 log = logging.getLogger(__name__)
 
-TASK_CPUS = 1  # left to the read tasks and the driver's writer: actors holding every CPU would stall the job
+TASK_CPUS = 1  # left to the read tasks (one CPU each): actors holding every CPU would stall the job
 VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "pyarrow", "pillow")
 
 

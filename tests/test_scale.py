@@ -120,7 +120,7 @@ def test_rows_left_to_do_are_the_same_in_parts(monkeypatch: pytest.MonkeyPatch, 
     assert left == [n for n in manifest_ids if n not in set(done_ids)]
     (parts,) = done.asked
     assert parts.bits == {None: 0, 4: 9, 1000: 2}[part_rows]  # as fine as the larger set needs
-    assert parts.folder is None  # its parts on disk are gone once used
+    assert parts.closed and parts.folder is None  # its parts, on disk or in memory, are gone once used
 
 
 def test_check_ids_keeps_its_messages() -> None:
