@@ -45,8 +45,17 @@ STATS_COLUMNS = (
     schema.TASK,
     schema.MODEL,
 )
-COUNTED = ("status", "errors", "reasons_count", "finish", "output_tokens_hist", "image_tokens_hist", "runs")
-COUNTED += ("tasks", "models")
+COUNTED = (  # the stats that count rows by a value: merged by adding the counts up
+    "status",
+    "errors",
+    "reasons_count",
+    "finish",
+    "output_tokens_hist",
+    "image_tokens_hist",
+    "runs",
+    "tasks",
+    "models",
+)
 
 
 @dataclass(frozen=True)
