@@ -179,11 +179,11 @@ def write_manifest(path: Path, prefix: str, rows: int, images: list[str], start:
     return path
 
 
-def job_config(path: Path, model: str, manifest: Path, output: Path) -> Path:
+def job_config(path: Path, model: str, manifest: Path, output: Path, images: Path) -> Path:
     data = {
         "model": {"name": model, "dtype": "float32"},
         "generation": {"max_new_tokens": 1},
-        "image": {"min_pixels": MIN_PIXELS},
+        "image": {"min_pixels": MIN_PIXELS, "allowed_prefixes": [str(images)]},
         "input": {"path": str(manifest)},
         "output": {"path": str(output)},
         "run": {"device": "cpu"},
@@ -301,10 +301,12 @@ def cli(*args: str) -> list[str]:
 
 
 def expect_run(output: Path, processed: int, done: int) -> None:
-    """A timed run must also be a right one: it processed the new rows, and skipped the done ones."""
+    """A timed run must also be a right one: it captioned every new row (the model ran on each: a row
+    that failed to load would cost nothing), and skipped the done ones."""
     summary = json.loads((output / schema.SUMMARY_FILE).read_text())
-    got = (summary["state"], summary["this_run"]["rows"], summary["skipped_done"])
-    if got != ("succeeded", processed, done):
+    this_run = summary["this_run"]
+    got = (summary["state"], this_run["rows"], this_run["status"], summary["skipped_done"])
+    if got != ("succeeded", processed, {schema.OK: processed}, done):
         raise RuntimeError(f"{output}: expected a run of {processed} rows over {done} done, got {got}")
 
 
@@ -335,7 +337,7 @@ class Bench:
         self.timed("plain loop", python(f"{__name__}.plain_loop({self.model!r}, {str(work)!r})"), rows, "plain")
         out = self.folder / "work" / "out"
         shutil.rmtree(out, ignore_errors=True)
-        job = job_config(self.folder / "work" / "job.yaml", self.model, work, out)
+        job = job_config(self.folder / "work" / "job.yaml", self.model, work, out, self.folder / "images")
         self.timed("qwenbatch run", cli("run", str(job)), rows, "run", out)
         expect_run(out, rows, 0)
 
@@ -355,7 +357,7 @@ class Bench:
             self.timed("`qwenbatch status`, running", cli("status", str(out)), done, f"status-{done}")
             report = str(case / "report.html")
             self.timed("`qwenbatch report`", cli("report", str(out), "--out", report), done, f"report-{done}")
-        job = job_config(case / "job.yaml", self.model, case / "manifests", out)
+        job = job_config(case / "job.yaml", self.model, case / "manifests", out, self.folder / "images")
         self.timed(f"qwenbatch run over {done:,} done rows", cli("run", str(job)), new_rows, f"run-{done}", out)
         expect_run(out, new_rows, done)
 
