@@ -8,9 +8,10 @@ import logging
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from qwenbatch.config import ConfigError, JobConfig, StorageConfig, load_config
-from qwenbatch.read import ManifestError
+from qwenbatch.inputs import ManifestError
 
 log = logging.getLogger("qwenbatch")
 
@@ -66,11 +67,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from qwenbatch.bench import markdown, run_bench
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="qwenbatch-bench-"))
+    if args.mode == "scale":
+        from qwenbatch.bench.scale import bench_from_args
+
+        return bench_from_args(folder, args)
     results = run_bench(
         args.mode,
         folder,
@@ -177,12 +180,15 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="qwenbatch against the plain transformers loop on the same images")
     bench.add_argument(
         "--mode",
-        choices=["cpu", "gpu", "sim"],
+        choices=["cpu", "gpu", "sim", "scale"],
         default="cpu",
-        help="cpu: tiny model vs the plain loop; gpu: the 8B shape on a GPU; sim: the pipeline on a simulated H100",
+        help="cpu: tiny model vs the plain loop; gpu: the 8B shape on a GPU; sim: the pipeline on a simulated H100; "
+        "scale: the job's own machinery at many rows",
     )
     bench.add_argument("--dir", help="folder for images, models and results (default: a new temporary folder)")
-    bench.add_argument("--images", type=int, default=None, help="default: 1000 (cpu), 384 (gpu), 640 (sim)")
+    bench.add_argument(
+        "--images", type=int, default=None, help="default: 1000 (cpu), 384 (gpu), 640 (sim), 20000 (scale)"
+    )
     bench.add_argument("--model", default=None, help="a checkpoint instead of the built one (gpu: random 8B shape)")
     bench.add_argument("--max-pixels", type=int, default=None, help="pixel budget (default: the job default)")
     bench.add_argument(
@@ -193,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--slowdown", type=float, default=1.0, help="sim: stretch the simulated GPU's time (2: half an H100's speed)"
     )
+    bench.add_argument("--done", help="scale: done rows to resume over, comma-separated (default 1M,5M,10M)")
+    bench.add_argument("--manifest-rows", type=int, help="scale: rows of the manifest whose ids are checked (10M)")
+    bench.add_argument("--lock", type=Path, help="scale: hold an exclusive flock on this file while timing a case")
     bench.set_defaults(func=cmd_bench)
 
     manifest = sub.add_parser("manifest", help="write a manifest (id, image, size) for a folder of images")

@@ -129,6 +129,14 @@ class InputConfig(_Section):
 
 class OutputConfig(_Section):
     path: str
+    shard_rows: int = Field(default=schema.DEFAULT_SHARD_ROWS, ge=1, description="a shard is written at this many rows")
+    shard_mb: int = Field(default=schema.DEFAULT_SHARD_MB, ge=1, description="... or at this many MiB (in memory)")
+    shard_seconds: float = Field(
+        default=schema.DEFAULT_SHARD_SECONDS,
+        gt=0,
+        le=86_400,
+        description="... or when its first row has waited this long (the first shard of a run: 30 s at most)",
+    )
 
 
 class StorageConfig(_Section):

@@ -270,7 +270,11 @@ class Loader:
         self.image_column = image_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Add pixels, width, height, image_tokens, status and error for every row; never drop one."""
+        """Add pixels, width, height, image_tokens, status and error for every row; never drop one.
+
+        The encoded bytes stay here: the rows go on with their pixels, and the driver's shard writer
+        never receives raw images it would only drop.
+        """
         limits, resize, image_column = self.limits, self.resize, self.image_column
         locations = column_or_nulls(batch, image_column)
         raw = column_or_nulls(batch, schema.IMAGE_BYTES)
@@ -297,6 +301,8 @@ class Loader:
             tokens.append(width * height // (resize.factor * resize.factor))
             statuses.append(schema.OK)
             errors.append(None)
+        if schema.IMAGE_BYTES in batch.column_names:
+            batch = batch.drop_columns([schema.IMAGE_BYTES])
         return with_columns(
             batch,
             {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from qwenbatch import schema, storage
-from qwenbatch.read import ManifestError
+from qwenbatch.inputs import ManifestError
 
 
 def build_manifest(location: str) -> pa.Table:

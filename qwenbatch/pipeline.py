@@ -1,4 +1,4 @@
-"""The job: read -> skip done -> load -> prompt -> infer -> write, as one Ray Data pipeline.
+"""The job: read what is left -> load -> prompt -> infer -> write, as one Ray Data pipeline.
 
 The CLI, the Ray job entrypoints, the demo and the benchmark all call `run`.
 """
@@ -17,27 +17,25 @@ from typing import Any
 from qwenbatch import schema, storage
 from qwenbatch.config import ConfigError, JobConfig, config_snapshot
 from qwenbatch.infer import Generator, ModelLoader
+from qwenbatch.inputs import Manifest, find_todo
 from qwenbatch.load import Loader, LoadLimits, allowed_roots
 from qwenbatch.prompt import prompt_batch
-from qwenbatch.read import Manifest, open_manifest, read_manifest, skip_done
+from qwenbatch.read import block_rows, open_manifest, read_manifest
+from qwenbatch.shards import done_index
 from qwenbatch.timing import TimingSink, busy_summary
 from qwenbatch.write import (
-    ShardSink,
-    done_ids,
-    finalize_batch,
     is_complete,
     read_summary,
     remove_stale_temp,
     summarize_output,
     withdraw_success,
+    write_rows,
     write_summary,
 )
 
 log = logging.getLogger(__name__)
 
-CPU_BATCH_ROWS = 16  # rows per load/prompt task: small, so decoding streams into the GPU stage
-TASK_CPUS = 1  # left to the read, finalize and write tasks: actors holding every CPU would stall the job
-WRITE_CPUS = 0.1  # finalize and write are I/O: more would wait on the budget Ray Data gives each operator
+TASK_CPUS = 1  # left to the read tasks (one CPU each): actors holding every CPU would stall the job
 VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "pyarrow", "pillow")
 
 
@@ -50,7 +48,7 @@ class Stage:
     num_cpus: float = 1
     num_gpus: float = 0
     concurrency: int | tuple[int, int] | None = None
-    batch_size: int | None = CPU_BATCH_ROWS
+    batch_size: int | None = schema.MIN_BLOCK_ROWS
     kwargs: dict[str, Any] = field(default_factory=dict)
     calls_per_actor: int = 1  # blocks an actor works on at once, in threads of its own
 
@@ -127,7 +125,13 @@ def limits_for(config: JobConfig) -> LoadLimits:
     )
 
 
-def build_stages(config: JobConfig, placement: Placement, run_id: str, load: ModelLoader | None = None) -> list[Stage]:
+def build_stages(
+    config: JobConfig,
+    placement: Placement,
+    run_id: str,
+    rows_per_block: int = schema.MIN_BLOCK_ROWS,
+    load: ModelLoader | None = None,
+) -> list[Stage]:
     """The job's operators; `load` replaces how a replica gets its model (the benchmark's simulated GPU)."""
     model = config.model
     limits = limits_for(config)
@@ -137,6 +141,7 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str, load: Mod
             Loader,
             num_cpus=placement.loader_cpus,
             concurrency=(1, placement.cpu_workers),
+            batch_size=rows_per_block,
             kwargs={
                 "model": model.name,
                 "revision": model.revision,
@@ -172,13 +177,6 @@ def build_stages(config: JobConfig, placement: Placement, run_id: str, load: Mod
                 "timing": TimingSink.for_run(config.output.path, run_id),
             }
             | ({"load": load} if load else {}),
-        ),
-        Stage(
-            "finalize",
-            finalize_batch,
-            num_cpus=WRITE_CPUS,
-            batch_size=None,
-            kwargs={"model": model.name, "task": config.task.kind, "run_id": run_id},
         ),
     ]
 
@@ -231,40 +229,37 @@ def run(
     manifest = open_manifest(config.input)  # job-level errors surface here, before Ray starts
     if removed := remove_stale_temp(output):
         log.info("removed %d temp files a killed run left in %s", removed, output)
-    done = done_ids(output, config.input.id_column)
-    todo = manifest.count_new(done)
+    todo = find_todo(manifest, done_index(output, config.input.id_column))
     run_id = new_run_id()
     started = time.time()
     log.info(
-        "run %s: %d manifest rows, %d already done, %d to process", run_id, manifest.rows, manifest.rows - todo, todo
+        "run %s: %d manifest rows, %d already done, %d to process",
+        run_id,
+        manifest.rows,
+        manifest.rows - todo.rows,
+        todo.rows,
     )
 
-    sink = ShardSink(output, config.input.id_column)
-    if todo:
+    written = write_rows(None, config.output, config.input.id_column)
+    if todo.rows:
         withdraw_success(output)  # a forced run over a grown manifest: not complete until it says so
         ensure_ray()
         import ray
 
         resources = ray.cluster_resources()
         placement = Placement.for_cluster(config, resources.get("GPU", 0), resources.get("CPU", 1))
-        dataset = read_manifest(manifest, config.input)
-        if len(done):
-            dataset = dataset.map_batches(
-                skip_done,
-                batch_format="pyarrow",
-                batch_size=None,
-                fn_kwargs={"id_column": config.input.id_column, "done_holder": [ray.put(done)]},
-            )
-        # A manifest file is read as one block and a block is one task: split it, or a single load
-        # task decodes the whole file while the other load actors, and the other nodes, wait.
-        dataset = dataset.repartition(target_num_rows_per_block=CPU_BATCH_ROWS)
-        for stage in build_stages(config, placement, run_id, load):
+        replicas = config.run.replicas if isinstance(config.run.replicas, int) else config.run.replicas[1]
+        window = config.run.batch_size * schema.SORT_WINDOW_BATCHES
+        rows_per_block = block_rows(todo.rows, max(placement.cpu_workers, replicas), config.max_pixels(), window)
+        dataset = read_manifest(manifest, config.input, todo, rows_per_block)
+        for stage in build_stages(config, placement, run_id, rows_per_block, load):
             dataset = stage.apply(dataset)
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
+        provenance = {"model": config.model.name, "task": config.task.kind, "run_id": run_id}
+        written = write_rows(dataset, config.output, config.input.id_column, **provenance)
 
     elapsed = time.time() - started
     timing = TimingSink.for_run(output, run_id)
-    summary = build_summary(config, manifest, run_id, started, elapsed, sink.written, todo, max_error_rate)
+    summary = build_summary(config, manifest, run_id, started, elapsed, written, todo.rows, max_error_rate)
     summary |= busy_summary(timing.read())
     write_summary(output, summary, success=summary["state"] == "succeeded")
     timing.remove_all()  # folded into the summary

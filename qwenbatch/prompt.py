@@ -79,13 +79,17 @@ def prompt_batch(batch: pa.Table, *, model: str, revision: str | None, task: Tas
     chats: list[str | None] = []
     statuses = column_or_nulls(batch, schema.STATUS)
     errors = column_or_nulls(batch, schema.ERROR)
+    rendered: dict[str, str] = {}  # rows with the same instruction (a caption job: all of them) share one render
     for index, (row, ok) in enumerate(zip(rows, ok_mask(batch), strict=True)):
         if not ok:
             chats.append(None)
             continue
         try:
-            messages = chat_messages(task, instruction_for(task, row))
-            chats.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            text = instruction_for(task, row)
+            if text not in rendered:
+                messages = chat_messages(task, text)
+                rendered[text] = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            chats.append(rendered[text])
         except Exception as exc:  # noqa: BLE001 - a bad row is that row's error
             chats.append(None)
             statuses[index] = schema.PROMPT_ERROR

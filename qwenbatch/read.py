@@ -1,35 +1,30 @@
-"""Read stage: manifests into a Ray dataset, checked before any work, minus rows already done."""
+"""Read stage: the input's rows the output lacks, as a Ray dataset of blocks sized for the load stage.
+
+Before any work the driver checks the input (`open_manifest`: files, columns, ids) and, once it knows
+what the output holds, plans the reading: per file, the Parquet row groups (or the whole tar or Arrow
+file) that hold rows left to do, with a mask of those rows. Row groups with nothing left are never
+read, so a run's reading costs what it processes, not what is done. Ray tasks read the units and cut
+them into blocks of a size that grows with the work (`block_rows`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from qwenbatch import schema, storage
 from qwenbatch.config import InputConfig
+from qwenbatch.inputs import IdCheck, Manifest, ManifestError, Todo
 
-
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be processed: a job-level error before any work."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    filesystem: object
-    files: list[str]
-    ids: pa.Array
-    columns: list[str]
-
-    @property
-    def rows(self) -> int:
-        return len(self.ids)
-
-    def count_new(self, done: pa.Array) -> int:
-        """Rows of this manifest that the output does not hold yet."""
-        return int(pc.sum(pc.invert(pc.is_in(self.ids, value_set=done))).as_py() or 0)
+ID_CHUNK_ROWS = 1 << 20  # ids hashed per chunk while checking a manifest
+READ_TASK_ROWS = 1 << 20  # rows a read task covers at most: a file of many row groups is read by several
+OPENERS = 16  # manifest footers read at once (many small reads, which object stores answer in parallel)
 
 
 def open_manifest(config: InputConfig) -> Manifest:
@@ -52,8 +47,7 @@ def open_parquet(config: InputConfig) -> Manifest:
         raise ManifestError(f"input.path: {exc}") from None
     if not files:
         raise ManifestError(f"input.path: no Parquet manifest found at {config.path}")
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    columns = dataset.schema.names
+    columns = pads.dataset(files, filesystem=fs, format="parquet").schema.names
     if config.id_column not in columns:
         raise ManifestError(f"manifest has no id column {config.id_column!r} (columns: {', '.join(columns)})")
     if config.image_column not in columns and schema.IMAGE_BYTES not in columns:
@@ -61,39 +55,110 @@ def open_parquet(config: InputConfig) -> Manifest:
             f"manifest has neither an image column {config.image_column!r} nor {schema.IMAGE_BYTES!r} "
             f"(columns: {', '.join(columns)})"
         )
-    ids = dataset.to_table(columns=[config.id_column]).column(config.id_column)
-    check_ids(ids, config.id_column)
-    return Manifest(filesystem=fs, files=files, ids=pc.cast(ids, pa.string()).combine_chunks(), columns=columns)
+    with ThreadPoolExecutor(OPENERS) as pool:
+        groups = tuple(pool.map(lambda path: row_groups(fs, path), files))
+    check = IdCheck(config.id_column, sum(sum(g) for g in groups))
+    for path in files:
+        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(ID_CHUNK_ROWS, columns=[config.id_column]):
+            check.add(batch.column(0))
+    file_rows = tuple(sum(g) for g in groups)
+    ids = check.finish(lambda rows: parquet_ids_at(fs, files, file_rows, config.id_column, rows))
+    return Manifest(filesystem=fs, files=files, columns=columns, file_groups=groups, ids=ids)
 
 
-def check_ids(ids: pa.ChunkedArray, column: str) -> None:
-    missing = ids.null_count
-    as_text = pc.cast(ids, pa.string())
-    empty = pc.sum(pc.equal(pc.utf8_trim_whitespace(as_text), "")).as_py() or 0
-    if missing or empty:
-        raise ManifestError(f"{missing + empty} rows have a null or empty {column!r}; every row needs a unique id")
-    counts = pc.value_counts(as_text)
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        examples = ", ".join(repr(v) for v in repeated.field("values")[:5].to_pylist())
-        raise ManifestError(f"{len(repeated)} ids appear more than once in {column!r}, e.g. {examples}")
+def row_groups(fs: Any, path: str) -> tuple[int, ...]:
+    metadata = pq.read_metadata(path, filesystem=fs)
+    return tuple(metadata.row_group(index).num_rows for index in range(metadata.num_row_groups))
 
 
-def read_manifest(manifest: Manifest, config: InputConfig):
-    """The input as a Ray dataset of manifest-like rows, one per image."""
-    if config.format != "parquet":
-        from qwenbatch import sources
+def parquet_ids_at(fs: Any, files: list[str], file_rows: tuple[int, ...], column: str, rows: np.ndarray) -> list:
+    """The ids at some row numbers (counted across files): the examples of an error message."""
+    starts = np.cumsum((0, *file_rows))
+    found = []
+    for row in rows.tolist():
+        index = int(np.searchsorted(starts, row, side="right")) - 1
+        table = pq.read_table(files[index], filesystem=fs, columns=[column])
+        found.append(table.column(column)[row - int(starts[index])].as_py())
+    return found
 
-        return sources.read_input(manifest, config)
+
+def block_rows(todo_rows: int, workers: int, max_pixels: int, window: int) -> int:
+    """Rows per block: enough blocks for every worker to share the work and stream it, each as large as
+    that allows (fewer tasks and objects per row), its decoded images under LOAD_BLOCK_BYTES, and at most
+    one infer window: a replica hands on its rows when it has done its block, so a block of one window
+    sends each window's rows on to the writer as soon as they are done."""
+    by_work = todo_rows // (schema.BLOCKS_PER_WORKER * max(1, workers))
+    by_bytes = schema.LOAD_BLOCK_BYTES // (3 * max_pixels)
+    return min(window, max(schema.MIN_BLOCK_ROWS, min(schema.MAX_BLOCK_ROWS, by_work, by_bytes)))
+
+
+def _pack(mask: np.ndarray | None) -> bytes | None:
+    return None if mask is None or mask.all() else np.packbits(mask).tobytes()
+
+
+def read_units(manifest: Manifest, todo: Todo) -> list[dict[str, Any]]:
+    """What the read tasks read: the row groups of Parquet files (a whole file of other kinds) that hold
+    rows left to do, with a packed mask of those rows unless all of them are."""
+    units = []
+    for path, groups, keep in zip(manifest.files, manifest.file_groups, todo.keep, strict=True):
+        start = 0
+        for group, size in enumerate(groups):
+            mask = None if keep is None else keep[start : start + size]
+            if mask is None or mask.any():
+                units.append({"file": path, "row_group": group, "rows": size, "keep": _pack(mask)})
+            start += size
+    return units
+
+
+def read_manifest(
+    manifest: Manifest, config: InputConfig, todo: Todo | None = None, rows_per_block: int = schema.MIN_BLOCK_ROWS
+) -> Any:
+    """The rows left to do (every row without `todo`) as a Ray dataset of `rows_per_block`-row blocks,
+    streamed as they are read."""
     import ray.data
 
-    return ray.data.read_parquet(manifest.files, filesystem=manifest.filesystem)
+    todo = todo or Todo(rows=manifest.rows, keep=(None,) * len(manifest.files))
+    units = read_units(manifest, todo)
+    tasks = max(1, min(len(units), -(-todo.rows // READ_TASK_ROWS)))
+    dataset = ray.data.from_items(units, override_num_blocks=tasks)
+    rows = dataset.map_batches(
+        read_unit_rows,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"filesystem": manifest.filesystem, "config": config, "columns": manifest.columns},
+    )
+    # Fused into the read tasks (which it is only with Ray's default task arguments, one CPU each):
+    # each task yields blocks of this many rows as it reads them, which the load stage takes one by one.
+    return rows.repartition(target_num_rows_per_block=rows_per_block)
 
 
-def skip_done(batch: pa.Table, *, id_column: str, done_holder: list) -> pa.Table:
-    """Drop rows whose ids the output already holds (resume, incremental runs)."""
-    import ray
+def read_unit_rows(units: pa.Table, *, filesystem: Any, config: InputConfig, columns: list[str]) -> Iterator[pa.Table]:
+    """The rows of each unit to do, in file order."""
+    for unit in units.to_pylist():
+        if config.format == "parquet":
+            tables = parquet_rows(filesystem, unit["file"], unit["row_group"])
+        else:
+            from qwenbatch import sources
 
-    done = ray.get(done_holder[0])
-    keep = pc.invert(pc.is_in(pc.cast(batch.column(id_column), pa.string()), value_set=done))
-    return batch.filter(keep)
+            tables = sources.file_rows(filesystem, unit["file"], config, columns)
+        keep = None
+        if unit["keep"] is not None:
+            keep = np.unpackbits(np.frombuffer(unit["keep"], np.uint8), count=unit["rows"]).astype(bool)
+        yield from kept(tables, keep)
+
+
+def parquet_rows(filesystem: Any, path: str, row_group: int) -> Iterator[pa.Table]:
+    for batch in pq.ParquetFile(path, filesystem=filesystem).iter_batches(row_groups=[row_group]):
+        yield pa.Table.from_batches([batch])
+
+
+def kept(tables: Iterator[pa.Table], keep: np.ndarray | None) -> Iterator[pa.Table]:
+    """Tables in file order, minus the rows `keep` (a mask over all their rows, or None) leaves out."""
+    offset = 0
+    for table in tables:
+        rows = table.num_rows
+        if keep is not None:
+            table = table.filter(pa.array(keep[offset : offset + rows]))
+        offset += rows
+        if table.num_rows:
+            yield table

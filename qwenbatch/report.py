@@ -2,8 +2,9 @@
 
 People judge a run by looking at it: are the captions any good, what failed and why, how fast did it go.
 Everything the page needs is inside it (inline CSS, JS and SVG, thumbnails as base64 JPEG), so it opens
-offline and can be attached to a ticket. Counts come from the shards themselves, so a partial run with no
-summary gets a report too; the page's size depends on the sample, not on the size of the output.
+offline and can be attached to a ticket. Counts come from the shards' stats (kept in their indexes), so a
+partial run with no summary gets a report too, and neither the time to build the page nor its size grows
+with the rows of the output, only with its shards and the sample.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from qwenbatch.config import JobConfig
 from qwenbatch.load import LoadLimits, fetch_bytes, open_checked, to_rgb
 from qwenbatch.pipeline import limits_for
 from qwenbatch.rows import error_message
+from qwenbatch.shards import NO_STATUS, Shard, list_shards, merge_stats, read_stats
 from qwenbatch.status import FAILED, RUNNING, SUCCEEDED, read_status
 
 DEFAULT_SAMPLE = 200  # ok rows on the contact sheet
@@ -43,8 +45,7 @@ MAX_TEXT_CHARS = 600  # a runaway caption must not blow up the page
 TOP_REASONS = 12
 HISTOGRAM_BINS = 20
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-NO_STATUS = "(none)"  # a row without a status (never written by qwenbatch, but a report must not crash)
-FILENAME = "__filename"  # pyarrow's virtual column: the shard a row came from
+SAMPLE_POOL = 4  # the contact sheet draws from shards holding this many times its sample, at least
 
 STATUS_COLOURS = {
     schema.OK: "#3a9d5d",
@@ -123,63 +124,28 @@ class Facts:
 # --- gathering ------------------------------------------------------------------------------------
 
 
-def _column(table: pa.Table, name: str, kind: pa.DataType) -> pa.ChunkedArray:
-    if name in table.column_names:
-        return table.column(name)
-    return pa.chunked_array([pa.nulls(table.num_rows, kind)], kind)
-
-
-def _counts(values: pa.ChunkedArray, missing: str = NO_STATUS) -> dict[str, int]:
-    if not len(values):
-        return {}
-    counted = pc.value_counts(pc.fill_null(values, missing))
-    return dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist(), strict=True))
-
-
 def _ordered_status(counts: dict[str, int]) -> dict[str, int]:
     known = [s for s in schema.STATUSES if s in counts]
     return {s: counts[s] for s in known + sorted(set(counts) - set(known))}
 
 
-def _failed_mask(status: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.fill_null(pc.not_equal(status, schema.OK), True)
+def error_reasons(counts: dict[str, int], examples: dict[str, str], top: int) -> list[tuple[str, int, str]]:
+    """The most common reasons (`shards.error_reason`: messages that differ only in a path or a number
+    are one reason), each with its rows and one full message."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top]
+    return [(reason, count, examples.get(reason, reason)) for reason, count in ranked]
 
 
-def error_reasons(status: pa.ChunkedArray, error: pa.ChunkedArray, top: int) -> list[tuple[str, int, str]]:
-    """Failed rows grouped by message, where messages that differ only in a path or a number are one reason."""
-    errors = pc.fill_null(pc.filter(error, _failed_mask(status)), "(no message)")
-    if not len(errors):
-        return []
-    reasons = pc.replace_substring_regex(errors, r"\S*[/\\]\S*", "…")
-    reasons = pc.replace_substring_regex(reasons, r"\d+", "N")
-    grouped = (
-        pa.table({"reason": reasons, "error": errors})
-        .group_by("reason", use_threads=False)
-        .aggregate([("error", "count"), ("error", "first")])
-        .sort_by([("error_count", "descending"), ("reason", "ascending")])
-        .slice(0, top)
-    )
-    return list(
-        zip(
-            grouped.column("reason").to_pylist(),
-            grouped.column("error_count").to_pylist(),
-            grouped.column("error_first").to_pylist(),
-            strict=True,
-        )
-    )
-
-
-def histogram(values: pa.ChunkedArray, bins: int = HISTOGRAM_BINS) -> Histogram | None:
-    """Integer-aligned bins over the non-null values: token counts are whole numbers."""
-    present = pc.drop_null(values)
-    if not len(present):
+def histogram(counts: dict[str, int], bins: int = HISTOGRAM_BINS) -> Histogram | None:
+    """Integer-aligned bins over value -> rows counts: token counts are whole numbers."""
+    if not counts:
         return None
-    array = present.to_numpy().astype(np.int64)
-    low, high = int(array.min()), int(array.max())
+    values = np.array([int(value) for value in counts], np.int64)
+    low, high = int(values.min()), int(values.max())
     width = max(1, -(-(high - low + 1) // bins))
-    counts = np.bincount((array - low) // width)
-    edges = [low + i * width for i in range(len(counts))] + [high + 1]  # the last bin ends at the maximum
-    return Histogram(edges=edges, counts=counts.tolist())
+    binned = np.bincount((values - low) // width, weights=np.array(list(counts.values()), np.float64))
+    edges = [low + i * width for i in range(len(binned))] + [high + 1]  # the last bin ends at the maximum
+    return Histogram(edges=edges, counts=[int(n) for n in binned])
 
 
 def _started(summary: dict[str, Any] | None) -> float | None:
@@ -190,23 +156,17 @@ def _started(summary: dict[str, Any] | None) -> float | None:
 
 
 def shard_runs(
-    table: pa.Table, mtimes: dict[str, float], summary: dict[str, Any] | None
+    shards: list[Shard], stats: list[dict[str, Any]], summary: dict[str, Any] | None
 ) -> tuple[list[dict[str, Any]], str | None, list[tuple[float, int]], str]:
     """The runs that wrote this output, and rows written over time in the summary's (or the latest) run."""
-    if not table.num_rows:
-        return [], None, [], ""
-    per_shard = (
-        pa.table({"file": table.column(FILENAME), "run": _column(table, schema.RUN_ID, pa.string())})
-        .group_by(["file", "run"], use_threads=False)
-        .aggregate([([], "count_all")])
-        .to_pylist()
-    )
     runs: dict[str, dict[str, Any]] = {}
-    for shard in per_shard:
-        run_id = shard["run"] or "(no run id)"
-        run = runs.setdefault(run_id, {"run_id": run_id, "rows": 0, "shards": []})
-        run["rows"] += shard["count_all"]
-        run["shards"].append((mtimes.get(shard["file"]), shard["count_all"]))
+    for shard, item in zip(shards, stats, strict=True):
+        for run_id, rows in item.get("runs", {}).items():
+            run = runs.setdefault(run_id, {"run_id": run_id, "rows": 0, "shards": []})
+            run["rows"] += rows
+            run["shards"].append((shard.mtime, rows))
+    if not runs:
+        return [], None, [], ""
     for run in runs.values():
         times = [t for t, _ in run["shards"] if t is not None]
         run["first"], run["last"] = (min(times), max(times)) if times else (None, None)
@@ -215,12 +175,12 @@ def shard_runs(
     chosen = runs.get(wanted) if wanted in runs else (ordered[-1] if ordered[-1]["last"] is not None else None)
     if chosen is None:
         return ordered, None, [], ""
-    shards = sorted((t, n) for t, n in chosen["shards"] if t is not None)
+    written_at = sorted((t, n) for t, n in chosen["shards"] if t is not None)
     start = _started(summary) if chosen["run_id"] == wanted else None
-    origin = start if start is not None else shards[0][0]
+    origin = start if start is not None else written_at[0][0]
     timeline = [(0.0, 0)] if start is not None else []
     written = 0
-    for when, count in shards:
+    for when, count in written_at:
         written += count
         timeline.append((max(0.0, when - origin), written))
     return ordered, chosen["run_id"], timeline, "the run started" if start is not None else "its first shard"
@@ -274,18 +234,43 @@ def _sample(mask: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray
     return np.sort(rng.choice(candidates, size=size, replace=False))
 
 
+def _pick_shards(counts: list[int], wanted: int, rng: np.random.Generator) -> set[int]:
+    """Shards drawn at random, weighted by their rows of a kind, until they hold `wanted` such rows
+    (every shard with such rows when they hold fewer)."""
+    weights = np.array(counts, np.float64)
+    present = int((weights > 0).sum())
+    if not present:
+        return set()
+    order = rng.choice(len(counts), size=present, replace=False, p=weights / weights.sum())
+    held = np.cumsum(weights[order])
+    return set(order[: int(np.searchsorted(held, wanted)) + 1].tolist())
+
+
 def sample_cards(
-    dataset: pads.Dataset,
-    status: pa.ChunkedArray,
+    fs: Any,
+    shards: list[Shard],
+    stats: list[dict[str, Any]],
     columns: Columns,
     limits: LoadLimits,
     ok: int,
     failed: int,
     seed: int,
 ) -> list[Card]:
-    """A seeded sample of ok rows and failed rows, read by index so only the sampled rows' text is read."""
-    is_failed = _failed_mask(status).to_numpy(zero_copy_only=False)
+    """A seeded sample of ok rows and failed rows. A few shards are drawn (weighted by their ok or failed
+    rows, until they hold SAMPLE_POOL times the sample) and the sample is drawn from their rows, read by
+    index: a large output's report reads a few shards' statuses and the sampled rows, no more."""
     rng = np.random.default_rng(seed)
+    oks = [item["status"].get(schema.OK, 0) for item in stats]
+    chosen = _pick_shards(oks, SAMPLE_POOL * ok, rng) if ok else set()
+    if failed:
+        chosen |= _pick_shards(
+            [item["rows"] - n for item, n in zip(stats, oks, strict=True)], SAMPLE_POOL * failed, rng
+        )
+    if not chosen:
+        return []
+    dataset = pads.dataset([shards[i].path for i in sorted(chosen)], filesystem=fs, format="parquet")
+    status = dataset.to_table(columns=[schema.STATUS]).column(schema.STATUS)
+    is_failed = pc.fill_null(pc.not_equal(status, schema.OK), True).to_numpy(zero_copy_only=False)
     indices = np.concatenate([_sample(~is_failed, ok, rng), _sample(is_failed, failed, rng)])
     if not len(indices):
         return []
@@ -324,49 +309,36 @@ def sample_cards(
 
 
 def gather(output: str, sample: int = DEFAULT_SAMPLE, failed: int = DEFAULT_FAILED, seed: int = 0) -> Facts:
-    """Read only the columns the plots need, aggregate them with pyarrow, and sample the contact sheet."""
+    """Counts and plots from the shards' stats (their indexes), and the contact sheet from a few shards."""
     fs, base = storage.resolve(output)
-    shards = storage.list_files(fs, base, (".parquet",))
-    files = [shard.path for shard in shards]
-    # Each shard's write time: shards are written once, as their write task finishes.
-    mtimes = {shard.path: shard.mtime.timestamp() for shard in shards if shard.mtime is not None}
+    shards = list_shards(fs, base)
     status_now = read_status(output)  # raises NoRunError when no run has written there
     summary = status_now.summary
     columns = Columns.from_summary(summary)
     config = (summary or {}).get("config") or {}
-    if files:
-        dataset = pads.dataset(files, filesystem=fs, format="parquet")
-        needed = [schema.STATUS, schema.ERROR, schema.IMAGE_TOKENS, schema.INPUT_TOKENS, schema.OUTPUT_TOKENS]
-        needed += [schema.FINISH_REASON, schema.RUN_ID, schema.TASK, schema.MODEL]
-        table = dataset.to_table(columns=[c for c in needed if c in dataset.schema.names] + [FILENAME])
-    else:
-        dataset, table = None, pa.table({FILENAME: pa.array([], pa.string())})
-    status = _column(table, schema.STATUS, pa.string())
-    runs, timeline_run, timeline, timeline_since = shard_runs(table, mtimes, summary)
-    tasks = [t for t in _counts(_column(table, schema.TASK, pa.string()), "") if t]
-    models = [m for m in _counts(_column(table, schema.MODEL, pa.string()), "") if m]
+    stats = read_stats(fs, shards, columns.id)
+    totals = merge_stats(stats)
+    runs, timeline_run, timeline, timeline_since = shard_runs(shards, stats, summary)
     return Facts(
         output=output,
         state=status_now.state,
         summary=summary,
         columns=columns,
-        task=(config.get("task") or {}).get("kind") or ", ".join(sorted(tasks)) or None,
-        model=(config.get("model") or {}).get("name") or ", ".join(sorted(models)) or None,
-        rows=table.num_rows,
-        status=_ordered_status(_counts(status)),
-        finish=_counts(pc.drop_null(_column(table, schema.FINISH_REASON, pa.string()))),
-        input_tokens=pc.sum(_column(table, schema.INPUT_TOKENS, pa.int32())).as_py() or 0,
-        output_tokens=pc.sum(_column(table, schema.OUTPUT_TOKENS, pa.int32())).as_py() or 0,
-        reasons=error_reasons(status, _column(table, schema.ERROR, pa.string()), TOP_REASONS),
-        output_hist=histogram(_column(table, schema.OUTPUT_TOKENS, pa.int32())),
-        image_hist=histogram(_column(table, schema.IMAGE_TOKENS, pa.int32())),
+        task=(config.get("task") or {}).get("kind") or ", ".join(sorted(totals["tasks"])) or None,
+        model=(config.get("model") or {}).get("name") or ", ".join(sorted(totals["models"])) or None,
+        rows=totals["rows"],
+        status=_ordered_status(totals["status"]),
+        finish=totals["finish"],
+        input_tokens=totals["input_tokens"],
+        output_tokens=totals["output_tokens"],
+        reasons=error_reasons(totals["reasons_count"], totals["reasons_example"], TOP_REASONS),
+        output_hist=histogram(totals["output_tokens_hist"]),
+        image_hist=histogram(totals["image_tokens_hist"]),
         runs=runs,
         timeline_run=timeline_run,
         timeline=timeline,
         timeline_since=timeline_since,
-        cards=sample_cards(dataset, status, columns, image_limits(summary), sample, failed, seed)
-        if dataset is not None
-        else [],
+        cards=sample_cards(fs, shards, stats, columns, image_limits(summary), sample, failed, seed),
         busy=status_now.busy,
     )
 

@@ -125,3 +125,29 @@ SUMMARY_FILE = "_summary.json"
 REPLICAS_FOLDER = "_replicas"  # per-run folders of per-replica busy-time files, read by status and the summary
 SUCCESS_FILE = "_SUCCESS"
 TEMP_PREFIX = ".tmp-"  # atomic writes stage here; hidden from readers, removed at the start of a run
+
+# The output's shards: a shard is written when it holds this many rows or bytes (in memory), or
+# when its first row has waited this long. A run's first shard goes out with its first finished
+# rows (the run shows at once), the second waits at most SECOND_SHARD_S, each later one twice as
+# long as the one before, up to the limit: early shards land soon, a long run settles at large ones.
+DEFAULT_SHARD_ROWS = 1_000_000
+DEFAULT_SHARD_MB = 64
+DEFAULT_SHARD_SECONDS = 300.0
+SECOND_SHARD_S = 30.0
+INDEX_DIR = "_index"  # beside the shards: each shard's id hashes and stats, under the shard's own name
+INDEX_HI, INDEX_LO = "hi", "lo"  # the index's columns: an id's 128-bit hash as two uint64 words
+STATS_KEY = b"qwenbatch.stats"  # the index file's metadata key holding the shard's stats, as JSON
+INDEX_ROW_GROUP = 65_536  # rows per row group of an index: a hash range reads only its row groups
+STATS_ERRORS_KEPT = 100  # distinct error messages a shard's stats keep, the most common first
+STATS_REASONS_KEPT = 1_000  # distinct error reasons (paths and numbers masked) a shard's stats keep
+
+# Ids compared as hashes, in parts of at most this many ids held in memory at once (16 bytes per
+# hash, 24 with its row number); larger manifests and outputs are split by hash and sorted part by part.
+ID_PART_ROWS = 4_000_000
+
+# Reading the input: rows per block grow with the rows to process, between these bounds, and a block
+# of decoded images stays under LOAD_BLOCK_BYTES at the pixel budget.
+MIN_BLOCK_ROWS = 16
+MAX_BLOCK_ROWS = 1_024
+LOAD_BLOCK_BYTES = 256 * 1024 * 1024
+BLOCKS_PER_WORKER = 4  # blocks per load worker at least: enough to share the work and stream it

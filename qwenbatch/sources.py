@@ -1,10 +1,10 @@
 """Input kinds besides Parquet manifests: WebDataset tars and Hugging Face datasets.
 
 Each kind has an opener, run on the driver before any work, that lists the ids without touching
-image bytes and applies the manifest checks (ids present, non-null, unique), and a reader that
-turns the input into the rows a manifest would give: the encoded image travels in `image_bytes`
-and is decoded, guarded and resized by the load stage, so a corrupt image is its row's
-`load_error`, never a failed read.
+image bytes and applies the manifest checks (ids present, non-null, unique), and a reader of one
+file that gives the rows a manifest would, in the order the opener counted them: the encoded image
+travels in `image_bytes` and is decoded, guarded and resized by the load stage, so a corrupt image
+is its row's `load_error`, never a failed read.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import tarfile
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,25 @@ import pyarrow.fs as pafs
 
 from qwenbatch import schema, storage
 from qwenbatch.config import InputConfig
-from qwenbatch.read import Manifest, ManifestError, check_ids
+from qwenbatch.inputs import IdCheck, Manifest, ManifestError
 from qwenbatch.rows import with_columns
 
 # A member name splits into sample key and suffix at the first dot of its base name: the
-# WebDataset convention, and exactly how `ray.data.read_webdataset` groups members.
+# WebDataset convention (`ray.data.read_webdataset` groups members the same way).
 WEBDATASET_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 HF_IMAGE_BYTES, HF_IMAGE_PATH = "bytes", "path"  # the fields of a `datasets.Image()` column
+SAMPLES_PER_TABLE = 256  # WebDataset rows gathered before they go on as one table
 
 
 def open_input(config: InputConfig) -> Manifest:
     return open_webdataset(config) if config.format == "webdataset" else open_hf(config)
 
 
-def read_input(manifest: Manifest, config: InputConfig) -> Any:
-    return read_webdataset(manifest, config) if config.format == "webdataset" else read_hf(manifest, config)
+def file_rows(fs: pafs.FileSystem, path: str, config: InputConfig, columns: list[str]) -> Iterator[pa.Table]:
+    """One input file's rows, in the order its opener counted them."""
+    if config.format == "webdataset":
+        return webdataset_rows(fs, path, config.id_column, columns)
+    return hf_file_rows(path, config.image_column)
 
 
 # --- WebDataset ----------------------------------------------------------------------------------
@@ -50,24 +53,29 @@ def open_webdataset(config: InputConfig) -> Manifest:
         raise ManifestError(f"input.path: {exc}") from None
     if not files:
         raise ManifestError(f"input.path: no .tar file found at {config.path}")
+    counts: list[tuple[int]] = []
     keys: list[str] = []
     suffixes: set[str] = set()
     for path in files:
-        for key, members in tar_samples(fs, path):
+        samples = tar_samples(fs, path)
+        counts.append((len(samples),))
+        for key, members in samples:
             keys.append(key)
             suffixes.update(members)
-    ids = pa.chunked_array([pa.array(keys, pa.string())], pa.string())
-    check_ids(ids, "WebDataset key")
+    every = pa.array(keys, pa.string())
+    check = IdCheck("WebDataset key", len(every))
+    check.add(every)
+    ids = check.finish(lambda rows: every.take(pa.array(rows)).to_pylist())
     texts = sorted(s for s in suffixes if s.rsplit(".", 1)[-1].lower() in schema.WEBDATASET_TEXT_SUFFIXES)
     columns = [config.id_column, schema.IMAGE_BYTES, schema.SHARD, *texts]
-    return Manifest(filesystem=fs, files=files, ids=ids.combine_chunks(), columns=columns)
+    return Manifest(filesystem=fs, files=files, columns=columns, file_groups=tuple(counts), ids=ids)
 
 
 def tar_samples(fs: pafs.FileSystem, path: str) -> list[tuple[str, set[str]]]:
-    """(key, member suffixes) per sample, in tar order; a tar that Ray would reject stops the job here."""
+    """(key, member suffixes) per sample, in tar order; a tar whose samples are not adjacent stops the job here."""
     samples: dict[str, set[str]] = {}
     previous = None
-    for name in _tar_members(fs, path):
+    for name, _ in _tar_members(fs, path, data=False):
         match = WEBDATASET_MEMBER.match(name)
         if not match:
             continue
@@ -84,31 +92,47 @@ def tar_samples(fs: pafs.FileSystem, path: str) -> list[tuple[str, set[str]]]:
     return list(samples.items())
 
 
-def _tar_members(fs: pafs.FileSystem, path: str) -> Iterator[str]:
-    """Regular file names from the headers: a local tar is read by seeking, a remote one streamed once."""
+def _tar_members(fs: pafs.FileSystem, path: str, data: bool) -> Iterator[tuple[str, bytes | None]]:
+    """Regular files' names, and contents when `data`, in tar order: a local tar is read by seeking
+    (headers only when no data is wanted), a remote one streamed once."""
     local = storage.is_local(fs)
     try:
         with fs.open_input_file(path) if local else fs.open_input_stream(path) as raw:
             with tarfile.open(fileobj=raw, mode="r:*" if local else "r|*") as tar:
-                yield from (member.name for member in tar if member.isreg())
+                for member in tar:
+                    if member.isreg():
+                        content = tar.extractfile(member) if data else None
+                        yield member.name, content.read() if content is not None else None
     except (tarfile.TarError, EOFError) as exc:
         raise ManifestError(f"{path}: not a readable tar archive: {exc}") from None
 
 
-def read_webdataset(manifest: Manifest, config: InputConfig) -> Any:
-    import ray.data
-
-    texts = tuple(c for c in manifest.columns if c not in (config.id_column, schema.IMAGE_BYTES, schema.SHARD))
-    dataset = ray.data.read_webdataset(
-        manifest.files,
-        filesystem=manifest.filesystem,
-        decoder=partial(webdataset_row, id_column=config.id_column, texts=texts),
-    )
+def webdataset_rows(fs: pafs.FileSystem, path: str, id_column: str, columns: list[str]) -> Iterator[pa.Table]:
+    """A tar's samples as rows, in `tar_samples` order, every table with the manifest's columns and types."""
+    texts = tuple(c for c in columns if c not in (id_column, schema.IMAGE_BYTES, schema.SHARD))
     target = pa.schema(
-        [(config.id_column, pa.string()), (schema.IMAGE_BYTES, pa.binary()), (schema.SHARD, pa.string())]
+        [(id_column, pa.string()), (schema.IMAGE_BYTES, pa.binary()), (schema.SHARD, pa.string())]
         + [(name, pa.string()) for name in texts]
     )
-    return dataset.map_batches(conform, batch_format="pyarrow", batch_size=None, fn_kwargs={"target": target})
+    rows: list[dict[str, Any]] = []
+    sample: dict[str, Any] = {}
+    for name, content in _tar_members(fs, path, data=True):
+        match = WEBDATASET_MEMBER.match(name)
+        if not match:
+            continue
+        key, suffix = match.groups()
+        if sample and sample["__key__"] != key:
+            rows.append(webdataset_row(sample, id_column=id_column, texts=texts))
+            sample = {}
+            if len(rows) >= SAMPLES_PER_TABLE:
+                yield pa.Table.from_pylist(rows, schema=target)
+                rows = []
+        sample = sample or {"__key__": key, "__url__": path}
+        sample[suffix] = content
+    if sample:
+        rows.append(webdataset_row(sample, id_column=id_column, texts=texts))
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=target)
 
 
 def webdataset_row(sample: dict[str, Any], *, id_column: str, texts: tuple[str, ...]) -> dict[str, Any]:
@@ -123,13 +147,6 @@ def webdataset_row(sample: dict[str, Any], *, id_column: str, texts: tuple[str, 
         elif suffix in texts:
             row[suffix] = value.decode("utf-8", errors="replace")
     return row
-
-
-def conform(batch: pa.Table, *, target: pa.Schema) -> pa.Table:
-    """Every block the same columns and types, whichever members its samples happened to have."""
-    present = set(batch.column_names)
-    columns = [batch.column(f.name).cast(f.type) if f.name in present else pa.nulls(len(batch), f.type) for f in target]
-    return pa.Table.from_arrays(columns, schema=target)
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------------
@@ -148,11 +165,17 @@ def open_hf(config: InputConfig) -> Manifest:
     files = [entry["filename"] for entry in dataset.cache_files]
     if not files:
         raise ManifestError("the dataset lives in memory only; save it with save_to_disk and read that folder")
-    ids = dataset.data.column(config.id_column)
-    check_ids(ids, config.id_column)
-    return Manifest(
-        filesystem=pafs.LocalFileSystem(), files=files, ids=pc.cast(ids, pa.string()).combine_chunks(), columns=columns
-    )
+    check = IdCheck(config.id_column, dataset.num_rows)
+    counts: list[tuple[int]] = []
+    for file in files:
+        rows = 0
+        for batch in _arrow_batches(file):
+            check.add(batch.column(config.id_column))
+            rows += batch.num_rows
+        counts.append((rows,))
+    every = dataset.data.column(config.id_column)
+    ids = check.finish(lambda rows: pc.cast(every, pa.string()).take(pa.array(rows)).to_pylist())
+    return Manifest(filesystem=pafs.LocalFileSystem(), files=files, columns=columns, file_groups=tuple(counts), ids=ids)
 
 
 def _load_hf(config: InputConfig) -> Any:
@@ -177,21 +200,15 @@ def _load_hf(config: InputConfig) -> Any:
     return loaded
 
 
-def read_hf(manifest: Manifest, config: InputConfig) -> Any:
-    import ray.data
-
-    files = ray.data.from_items([{"file": f} for f in manifest.files], override_num_blocks=len(manifest.files))
-    return files.map_batches(
-        hf_file_rows, batch_size=1, batch_format="pyarrow", fn_kwargs={"image_column": config.image_column}
-    )
+def _arrow_batches(file: str) -> Iterator[pa.RecordBatch]:
+    with pa.OSFile(file) as source:
+        yield from pa.ipc.open_stream(source)
 
 
-def hf_file_rows(batch: pa.Table, *, image_column: str) -> Iterator[pa.Table]:
-    """Stream one of the dataset's Arrow files a record batch at a time, so no task holds it whole."""
-    for file in batch.column("file").to_pylist():
-        with pa.OSFile(file) as source:
-            for record_batch in pa.ipc.open_stream(source):
-                yield split_image(pa.Table.from_batches([record_batch]), image_column)
+def hf_file_rows(file: str, image_column: str) -> Iterator[pa.Table]:
+    """One of the dataset's Arrow files, a record batch at a time, so no task holds it whole."""
+    for batch in _arrow_batches(file):
+        yield split_image(pa.Table.from_batches([batch]), image_column)
 
 
 def split_image(table: pa.Table, image_column: str) -> pa.Table:

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from qwenbatch import schema, storage
+from qwenbatch.shards import list_shards
 from qwenbatch.timing import busy_summary, live_figures
 from qwenbatch.write import read_summary, summarize_output
 
@@ -63,15 +64,6 @@ class RunStatus:
         }
 
 
-def _shard_times(fs: pafs.FileSystem, base: str) -> list[datetime]:
-    """Modification times of the output's data shards, from one listing of the folder."""
-    shards = set(storage.parquet_files(fs, base))
-    if not shards:
-        return []
-    listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    return [info.mtime for info in listing if info.path in shards and info.mtime is not None]
-
-
 def _mtime(fs: pafs.FileSystem, path: str) -> datetime | None:
     info = fs.get_file_info(path)
     return info.mtime if info.type != pafs.FileType.NotFound else None
@@ -79,9 +71,9 @@ def _mtime(fs: pafs.FileSystem, path: str) -> datetime | None:
 
 def read_status(output: str) -> RunStatus:
     """Decide the run's state by the rule in the module docstring; counts come from the summary
-    when it is current, else straight from the shards."""
+    when it is current, else from the shards' indexes."""
     fs, base = storage.resolve(output)
-    times = _shard_times(fs, base)
+    times = [datetime.fromtimestamp(s.mtime, UTC) for s in list_shards(fs, base) if s.mtime is not None]
     summary = read_summary(output)
     summary_written = _mtime(fs, storage.join(base, schema.SUMMARY_FILE))
     if not times and summary is None:

@@ -13,6 +13,7 @@ import functools
 import os
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -135,9 +136,9 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             os.remove(temp)
 
 
-def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, **options: Any) -> None:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, **({"compression": "zstd"} | options))
     write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
 
 

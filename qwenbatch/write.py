@@ -1,21 +1,22 @@
-"""Write stage: the row contract's columns, deterministic shard names, atomic writes, summary."""
+"""Write stage: the row contract's columns, large shards written from the driver as rows finish, summary."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections import Counter
-from collections.abc import Iterable
+import queue
+import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from qwenbatch import schema, storage
+from qwenbatch.config import OutputConfig
+from qwenbatch.shards import list_shards, merge_stats, read_stats, write_shard
+
+QUEUED_BATCHES = 8  # blocks waiting for the writer thread before the pipeline waits for it
 
 
 def finalize_batch(batch: pa.Table, *, model: str, task: str, run_id: str) -> pa.Table:
@@ -36,68 +37,114 @@ def finalize_batch(batch: pa.Table, *, model: str, task: str, run_id: str) -> pa
     return batch
 
 
-def shard_name(ids: Iterable[Any]) -> str:
-    """Named by the ids it holds: a rerun that writes the same rows overwrites, never duplicates."""
-    digest = hashlib.sha1("\0".join(sorted(str(i) for i in ids)).encode()).hexdigest()[:24]
-    return f"part-{digest}.parquet"
+@dataclass(frozen=True)
+class ShardLimits:
+    """When a shard is written: at `rows` rows, at `bytes` bytes in memory, or when its first row has
+    waited `age(k)` for the k-th shard of the run (counted from 0): no wait for the first, SECOND_SHARD_S
+    for the second, twice as long each time after, up to `seconds`."""
+
+    rows: int = schema.DEFAULT_SHARD_ROWS
+    bytes: int = schema.DEFAULT_SHARD_MB * 2**20
+    seconds: float = schema.DEFAULT_SHARD_SECONDS
+
+    @classmethod
+    def of(cls, config: OutputConfig) -> ShardLimits:
+        return cls(rows=config.shard_rows, bytes=config.shard_mb * 2**20, seconds=config.shard_seconds)
+
+    def age(self, written: int) -> float:
+        return 0.0 if written == 0 else min(self.seconds, schema.SECOND_SHARD_S * 2.0 ** min(written - 1, 32))
 
 
-def shard_stats(table: pa.Table) -> dict[str, Any]:
-    statuses = Counter(table.column(schema.STATUS).to_pylist())
-    return {
-        "rows": table.num_rows,
-        "status": dict(statuses),
-        "input_tokens": pc.sum(table.column(schema.INPUT_TOKENS)).as_py() or 0,
-        "output_tokens": pc.sum(table.column(schema.OUTPUT_TOKENS)).as_py() or 0,
-    }
+class ShardWriter:
+    """Takes the job's finished rows on the driver and writes them as large shards, in a thread of its own.
 
+    The pipeline's last operator hands its blocks to `put`; the thread finalizes them, gathers them
+    up to the limits and writes each shard with its index (`shards.write_shard`), while the pipeline
+    goes on. A crash loses only rows not yet in a shard, which no index lists, so the next run does
+    them again; a shard is named by its ids, so one written twice overwrites itself.
+    """
 
-def _merge(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"rows": 0, "status": Counter(), "input_tokens": 0, "output_tokens": 0, "shards": 0}
-    for item in stats:
-        if not item:
-            continue
-        total["shards"] += 1
-        total["rows"] += item["rows"]
-        total["status"].update(item["status"])
-        total["input_tokens"] += item["input_tokens"]
-        total["output_tokens"] += item["output_tokens"]
-    total["status"] = dict(total["status"])
-    return total
-
-
-class ShardSink(Datasink):
-    """Writes each write task's rows as one Parquet shard, atomically, under a deterministic name."""
-
-    def __init__(self, output: str, id_column: str) -> None:
-        self.output = output
+    def __init__(self, output: str, id_column: str, limits: ShardLimits, **finalize: str) -> None:
+        self.filesystem, self.base = storage.resolve(output)
         self.id_column = id_column
-        self.filesystem, self.base = storage.resolve(output)  # resolved here, on the driver: workers get its settings
-        self.written: dict[str, Any] = _merge([])
+        self.limits = limits
+        self.finalize = finalize
+        self.stats: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=QUEUED_BATCHES)
+        self.thread = threading.Thread(target=self._run, name="qwenbatch-shard-writer", daemon=True)
+        self.thread.start()
 
-    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
-        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return {}
+    def put(self, batch: pa.Table) -> None:
+        """Blocks while the writer is behind: the pipeline waits rather than piling rows up on the driver."""
+        while True:
+            if self.error is not None:
+                raise RuntimeError("writing a shard failed") from self.error
+            try:
+                self.queue.put(batch, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> dict[str, Any]:
+        """Writes what is left; this run's totals (rows, by status, tokens, shards)."""
+        if self.thread.is_alive():
+            self.put(None)  # type: ignore[arg-type]  # the end
+            self.thread.join()
+        if self.error is not None:
+            raise RuntimeError("writing a shard failed") from self.error
+        return merge_stats(self.stats)
+
+    def _run(self) -> None:
+        buffer: list[pa.Table] = []
+        rows = size = 0
+        since = 0.0
+        try:
+            while True:
+                wait = since + self.limits.age(len(self.stats)) - time.monotonic() if buffer else None
+                try:
+                    batch = self.queue.get(timeout=max(0.0, wait) if wait is not None else None)
+                except queue.Empty:
+                    batch = pa.table({})  # nothing came in time: the age limit is up
+                if batch is None:
+                    break
+                if batch.num_rows:
+                    table = finalize_batch(batch, **self.finalize)
+                    since = since if buffer else time.monotonic()
+                    buffer.append(table)
+                    rows, size = rows + table.num_rows, size + table.nbytes
+                due = buffer and (
+                    rows >= self.limits.rows
+                    or size >= self.limits.bytes
+                    or time.monotonic() - since >= self.limits.age(len(self.stats))
+                )
+                if due:
+                    self._write(buffer)
+                    buffer, rows, size = [], 0, 0
+            if buffer:
+                self._write(buffer)
+        except BaseException as exc:  # noqa: BLE001 - handed to the pipeline's thread, which raises it
+            self.error = exc
+            while not self.queue.empty():  # unblock a `put` waiting on a full queue
+                self.queue.get_nowait()
+
+    def _write(self, tables: list[pa.Table]) -> None:
         table = pa.concat_tables(tables, promote_options="default")
-        storage.write_parquet_atomic(
-            self.filesystem, storage.join(self.base, shard_name(table.column(self.id_column).to_pylist())), table
-        )
-        return shard_stats(table)
-
-    def on_write_complete(self, write_result: Any) -> None:
-        self.written = _merge(write_result.write_returns)
+        self.stats.append(write_shard(self.filesystem, self.base, table, self.id_column))
 
 
-def done_ids(output: str, id_column: str) -> pa.Array:
-    """Ids already written to the output: the resume key. Empty when there is no output yet."""
-    fs, base = storage.resolve(output)
-    files = storage.parquet_files(fs, base)
-    if not files:
-        return pa.array([], pa.string())
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=[id_column])
-    return pc.unique(pc.cast(table.column(id_column), pa.string()).combine_chunks())
+def write_rows(dataset: Any, output: OutputConfig, id_column: str, **provenance: str) -> dict[str, Any]:
+    """Every row of the dataset into shards; this run's totals. No dataset: nothing to write, zero totals."""
+    if dataset is None:
+        return merge_stats([])
+    writer = ShardWriter(output.path, id_column, ShardLimits.of(output), **provenance)
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.put(batch)
+    except BaseException:
+        writer.close()  # the rows that finished are kept
+        raise
+    return writer.close()
 
 
 def remove_stale_temp(output: str) -> int:
@@ -108,27 +155,34 @@ def remove_stale_temp(output: str) -> int:
     fs, base = storage.resolve(output)
     if not storage.is_local(fs) or not os.path.isdir(base):
         return 0  # object stores publish whole objects only: they hold no temp files
-    stale = [entry.path for entry in os.scandir(base) if entry.is_file() and entry.name.startswith(schema.TEMP_PREFIX)]
+    folders = [base, os.path.join(base, schema.INDEX_DIR)]
+    stale = [
+        entry.path
+        for folder in folders
+        if os.path.isdir(folder)
+        for entry in os.scandir(folder)
+        if entry.is_file() and entry.name.startswith(schema.TEMP_PREFIX)
+    ]
     for path in stale:
         os.remove(path)
     return len(stale)
 
 
 def summarize_output(output: str, top_errors: int = 10) -> dict[str, Any]:
-    """Counts over the whole output (all runs that wrote to it), read from its shards."""
+    """Counts over the whole output (all runs that wrote to it), from its shards' indexes.
+
+    `top_errors` counts each message over the shards that kept it among their most common ones
+    (`schema.STATS_ERRORS_KEPT`), so a message spread thin over many shards may count short.
+    """
     fs, base = storage.resolve(output)
-    files = storage.parquet_files(fs, base)
-    columns = [schema.STATUS, schema.ERROR, schema.INPUT_TOKENS, schema.OUTPUT_TOKENS]
-    if not files:
-        return {"rows": 0, "status": {}, "top_errors": [], "input_tokens": 0, "output_tokens": 0}
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
-    errors = Counter(e for e in table.column(schema.ERROR).to_pylist() if e)
+    totals = merge_stats(read_stats(fs, list_shards(fs, base)))
+    errors = sorted(totals["errors"].items(), key=lambda item: (-item[1], item[0]))[:top_errors]
     return {
-        "rows": table.num_rows,
-        "status": dict(Counter(table.column(schema.STATUS).to_pylist())),
-        "top_errors": [{"error": e, "count": n} for e, n in errors.most_common(top_errors)],
-        "input_tokens": pc.sum(table.column(schema.INPUT_TOKENS)).as_py() or 0,
-        "output_tokens": pc.sum(table.column(schema.OUTPUT_TOKENS)).as_py() or 0,
+        "rows": totals["rows"],
+        "status": totals["status"],
+        "top_errors": [{"error": e, "count": n} for e, n in errors],
+        "input_tokens": totals["input_tokens"],
+        "output_tokens": totals["output_tokens"],
     }
 
 

@@ -21,9 +21,9 @@ from PIL import Image
 
 from qwenbatch import schema
 from qwenbatch.cli import main
+from qwenbatch.inputs import ManifestError, check_ids
 from qwenbatch.load import EXIF_ORIENTATION, LoadError, LoadLimits, decode, to_rgb
 from qwenbatch.pipeline import run
-from qwenbatch.read import ManifestError, check_ids
 from tests.helpers import encode, job_config, noise_image, read_output, write_manifest
 
 MAX_BYTES = 50_000  # small, so an over-limit file stays small too

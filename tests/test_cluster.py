@@ -32,7 +32,7 @@ import yaml
 from qwenbatch import schema
 from qwenbatch.config import load_config
 from qwenbatch.hub import load_kwargs
-from qwenbatch.pipeline import CPU_BATCH_ROWS, Placement, build_stages
+from qwenbatch.pipeline import Placement, build_stages
 from tests.helpers import job_config, read_output, write_images, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +166,7 @@ def test_nightly_job_runs_a_replica_on_each_node(cluster: Cluster, tiny_model: P
     from ray.util.state.common import ListApiOptions, StateResource
 
     # 8 blocks of rows: more than one replica takes at once (two in flight), so both get work.
-    count = 8 * CPU_BATCH_ROWS
+    count = 8 * schema.MIN_BLOCK_ROWS
     images = write_images(tmp_path / "images", 8, sizes=[(48, 40), (64, 64)])
     rows = [{"id": f"r{i:03d}", "image": str(images[i % len(images)])} for i in range(count)]
     write_manifest(tmp_path / "in/2026-11-25/manifest.parquet", rows)

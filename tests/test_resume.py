@@ -208,4 +208,10 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_m
     assert set(after.column(schema.STATUS).to_pylist()) == {schema.OK}
     names = {p.name for p in out.iterdir()}
     assert not {n for n in names if n.startswith(".")}  # the stale temp file is gone
-    assert names - {n for n in names if n.startswith("part-")} == {schema.SUMMARY_FILE, schema.SUCCESS_FILE}
+    assert names - {n for n in names if n.startswith("part-")} == {
+        schema.SUMMARY_FILE,
+        schema.SUCCESS_FILE,
+        schema.INDEX_DIR,
+    }
+    shards = {n for n in names if n.startswith("part-")}
+    assert {p.name for p in (out / schema.INDEX_DIR).iterdir()} == shards  # every shard has its index, nothing else

@@ -10,8 +10,9 @@ import pytest
 
 from qwenbatch import schema
 from qwenbatch.config import InputConfig
+from qwenbatch.inputs import ManifestError
 from qwenbatch.pipeline import run
-from qwenbatch.read import ManifestError, open_manifest, read_manifest
+from qwenbatch.read import open_manifest, read_manifest
 from tests.helpers import encode, job_config, noise_image, read_output
 
 GARBAGE = b"this is no image at all, whatever its name says"
