@@ -269,13 +269,13 @@ class Generator:
                 for value in prepared.inputs.values():
                     if isinstance(value, torch.Tensor):
                         value.record_stream(torch.cuda.current_stream(self.model.device))
-            started = time.perf_counter()
+            began, started = time.time(), time.perf_counter()
             with torch.inference_mode():
                 sequences = self.model.generate(**prepared.inputs, **self.generate_kwargs())
             prompt_length = prepared.inputs["input_ids"].shape[1]
             generated = sequences[: prepared.rows, prompt_length:].tolist()
             memory = torch.cuda.max_memory_allocated(self.model.device) if self.device == "cuda" else 0
-            self.clock.add(generate_s=time.perf_counter() - started, batches=1, memory=memory)
+            self.clock.add(generate_s=time.perf_counter() - started, batches=1, memory=memory, began=began)
         return [self._output(ids, tokens) for ids, tokens in zip(generated, prepared.input_tokens, strict=True)]
 
     def _output(self, generated: list[int], input_tokens: int) -> Output:
@@ -369,14 +369,15 @@ class Generator:
         pixels = column_or_nulls(batch, schema.PIXELS)
         widths = column_or_nulls(batch, schema.WIDTH)
         heights = column_or_nulls(batch, schema.HEIGHT)
-        images = [
-            torch.from_numpy(pixels_to_array(pixels[i], widths[i], heights[i]).copy()).permute(2, 0, 1) for i in rows
-        ]
         tokens = column_or_nulls(batch, schema.IMAGE_TOKENS)
         groups = plan_batches([tokens[i] for i in rows], self.batch_size, self.max_batch_tokens)
-        inputs = [([chats[rows[g]] for g in group], [images[g] for g in group]) for group in groups]
-        for pair in inputs:  # each head start is taken, or discarded, by generate_resilient below
-            self._prepare_ahead(*pair)
+        inputs = []
+        for group in groups:  # a group's images, then its head start: the first prepare need not wait for all
+            picked = [rows[g] for g in group]
+            images = [torch.from_numpy(pixels_to_array(pixels[i], widths[i], heights[i]).copy()) for i in picked]
+            pair = ([chats[i] for i in picked], [image.permute(2, 0, 1) for image in images])
+            self._prepare_ahead(*pair)  # taken, or discarded, by generate_resilient below
+            inputs.append(pair)
         results: dict[int, Output | InferError] = {}
         for group, pair in zip(groups, inputs, strict=True):
             outputs = self.generate_resilient(*pair)

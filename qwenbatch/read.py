@@ -84,12 +84,18 @@ def parquet_ids_at(fs: Any, files: list[str], file_rows: tuple[int, ...], column
 
 def block_rows(todo_rows: int, workers: int, max_pixels: int, window: int) -> int:
     """Rows per block: enough blocks for every worker to share the work and stream it, each as large as
-    that allows (fewer tasks and objects per row), its decoded images under LOAD_BLOCK_BYTES, and at most
-    one infer window: a replica hands on its rows when it has done its block, so a block of one window
+    that allows (fewer tasks and objects per row), its decoded images under LOAD_BLOCK_BYTES, and a divisor
+    of one infer window: a replica hands on its rows when it has done its block, so a block of one window
     sends each window's rows on to the writer as soon as they are done."""
     by_work = todo_rows // (schema.BLOCKS_PER_WORKER * max(1, workers))
     by_bytes = schema.LOAD_BLOCK_BYTES // (3 * max_pixels)
-    return min(window, max(schema.MIN_BLOCK_ROWS, min(schema.MAX_BLOCK_ROWS, by_work, by_bytes)))
+    wanted = max(schema.MIN_BLOCK_ROWS, min(schema.MAX_BLOCK_ROWS, by_work, by_bytes))
+    # A divisor of the window, so blocks fill whole windows: a replica's call takes a window's rows, and
+    # Ray Data passes what is over as a call of its own, a small batch that costs a GPU a whole pass.
+    divisors = [rows for rows in range(1, window + 1) if window % rows == 0]
+    at_most = max(rows for rows in divisors if rows <= wanted)
+    least = min(window, schema.MIN_BLOCK_ROWS)
+    return at_most if at_most >= least else min(rows for rows in divisors if rows >= least)
 
 
 def _pack(mask: np.ndarray | None) -> bytes | None:

@@ -640,7 +640,7 @@ def _busy_block(busy: dict[str, Any], live: bool) -> str:
     return (
         f"<div id='busy'><h3>GPU busy{' (running)' if live else ''}: {_percent(share)}</h3>"
         f"<p>Time in <code>generate</code> over {figures.get('count', 0)} replica(s) x "
-        f"{figures.get('window_s', 0):,.1f} s from the first batch to the last: {_num(key, share)}. "
+        f"{figures.get('window_s', 0):,.1f} s from the first <code>generate</code> to the last: {_num(key, share)}. "
         "Under 95%, the GPUs waited for rows or for batches to be prepared: add CPUs per GPU.</p>"
         "<table><tr><th>replica</th><th>device</th><th>busy</th><th>generate (s)</th><th>preparing (s)</th>"
         f"<th>waiting for rows (s)</th><th>batches</th><th>rows</th></tr>{rows}</table></div>"

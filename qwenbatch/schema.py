@@ -146,8 +146,9 @@ STATS_REASONS_KEPT = 1_000  # distinct error reasons (paths and numbers masked) 
 ID_PART_ROWS = 4_000_000
 
 # Reading the input: rows per block grow with the rows to process, between these bounds, and a block
-# of decoded images stays under LOAD_BLOCK_BYTES at the pixel budget.
+# of decoded images stays under LOAD_BLOCK_BYTES at the pixel budget: below Ray Data's 128 MiB
+# target_max_block_size, which would otherwise cut a load block into uneven pieces.
 MIN_BLOCK_ROWS = 16
 MAX_BLOCK_ROWS = 1_024
-LOAD_BLOCK_BYTES = 256 * 1024 * 1024
+LOAD_BLOCK_BYTES = 96 * 1024 * 1024
 BLOCKS_PER_WORKER = 4  # blocks per load worker at least: enough to share the work and stream it

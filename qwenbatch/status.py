@@ -111,6 +111,10 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _fill(seconds: float | None) -> str:
+    return "" if seconds is None else f" (the first batch took {seconds:,.1f} s to prepare)"
+
+
 def busy_lines(busy: dict[str, Any]) -> list[str]:
     """GPU busy time: under 95% the replicas waited on the CPU side (add CPUs), near 100% add GPUs."""
     replicas = busy.get("replicas") or {}
@@ -118,7 +122,8 @@ def busy_lines(busy: dict[str, Any]) -> list[str]:
     lines = [
         f"{'gpu busy':<11}{_share(busy.get('gpu_busy'))} over {count} replica{'s' if count != 1 else ''}: "
         f"generate {replicas.get('generate_s', 0):,.1f} s, preparing {replicas.get('prepare_s', 0):,.1f} s "
-        f"(overlapped), waiting for rows {replicas.get('wait_s', 0):,.1f} s, of {replicas.get('window_s', 0):,.1f} s"
+        f"(overlapped), waiting for rows {replicas.get('wait_s', 0):,.1f} s, of {replicas.get('window_s', 0):,.1f} s "
+        f"from the first generate to the last" + _fill(replicas.get("fill_s"))
     ]
     each = replicas.get("each", [])
     if len(each) > 1:

@@ -2,9 +2,12 @@
 
 Each replica counts the seconds it spends inside `generate`, preparing batches (processor, pinned
 memory, copies to the device; overlapped with `generate`) and waiting for rows (no batch in hand),
-from its first batch to its last, and writes them to one small JSON file under the output after
-every batch: `qwenbatch status` reads them while the run goes, and the run's summary folds them
-into `gpu_busy` at the end. That figure tells a user whether to add CPUs (the GPU waits) or GPUs.
+from the start of its first `generate` to the end of its last, and writes them to one small JSON
+file under the output after every batch: `qwenbatch status` reads them while the run goes, and the
+run's summary folds them into `gpu_busy` at the end. That figure tells a user whether to add CPUs
+(the GPU waits) or GPUs. The time before a replica's first `generate`, from its first block of rows
+(`fill_s`: its first batch prepared with nothing to overlap), is kept apart: once per replica, it
+says nothing of how a long run keeps its GPU fed.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ class ReplicaTime:
     host: str
     pid: int
     device: str
-    started: float | None = None  # its first batch arrived
-    ended: float | None = None  # its last batch left
+    started: float | None = None  # its first generate began
+    ended: float | None = None  # its latest generate ended
+    first_block: float | None = None  # its first block of rows arrived
     calls: int = 0  # blocks of rows Ray Data handed it
     batches: int = 0  # generate calls
     rows: int = 0
@@ -49,8 +53,13 @@ class ReplicaTime:
     def busy(self) -> float | None:
         return round(self.generate_s / self.span_s, 4) if self.span_s > 0 else None
 
+    @property
+    def fill_s(self) -> float | None:
+        """From the first block in hand to the first generate: the first batch prepared with nothing to overlap."""
+        return round(self.started - self.first_block, 3) if None not in (self.started, self.first_block) else None
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"span_s": round(self.span_s, 3), "busy": self.busy}
+        return asdict(self) | {"span_s": round(self.span_s, 3), "busy": self.busy, "fill_s": self.fill_s}
 
 
 @dataclass
@@ -74,8 +83,8 @@ class ReplicaClock:
     def call_started(self, rows: int) -> None:
         now = time.time()
         with self._lock:
-            if self.figures.started is None:
-                self.figures.started = now
+            if self.figures.first_block is None:
+                self.figures.first_block = now
             elif self._active == 0 and self._idle_since is not None:
                 self.figures.wait_s += now - self._idle_since
             self._active += 1
@@ -87,13 +96,24 @@ class ReplicaClock:
         now = time.time()
         with self._lock:
             self._active -= 1
-            self.figures.ended = now
             if self._active == 0:
                 self._idle_since = now
             return ReplicaTime(**asdict(self.figures))
 
-    def add(self, *, generate_s: float = 0.0, prepare_s: float = 0.0, batches: int = 0, memory: int = 0) -> None:
+    def add(
+        self,
+        *,
+        generate_s: float = 0.0,
+        prepare_s: float = 0.0,
+        batches: int = 0,
+        memory: int = 0,
+        began: float | None = None,
+    ) -> None:
+        """`began`: the wall-clock time a `generate` of `generate_s` seconds started."""
         with self._lock:
+            if began is not None:
+                self.figures.started = began if self.figures.started is None else self.figures.started
+                self.figures.ended = began + generate_s
             self.figures.generate_s += generate_s
             self.figures.prepare_s += prepare_s
             self.figures.batches += batches
@@ -134,7 +154,7 @@ def _read_figures(filesystem: pafs.FileSystem, folder: str) -> list[ReplicaTime]
     for entry in storage.list_files(filesystem, folder, (".json",)):
         with filesystem.open_input_stream(entry.path) as handle:
             data = json.loads(handle.read())
-        replicas.append(ReplicaTime(**{k: v for k, v in data.items() if k not in ("span_s", "busy")}))
+        replicas.append(ReplicaTime(**{k: v for k, v in data.items() if k not in ("span_s", "busy", "fill_s")}))
     return replicas
 
 
@@ -163,7 +183,7 @@ def concurrent_replicas(replicas: list[ReplicaTime]) -> int:
 
 
 def busy_summary(replicas: list[ReplicaTime]) -> dict[str, Any]:
-    """`gpu_busy`: time in `generate` over replicas x the wall time from the first batch to the last.
+    """`gpu_busy`: time in `generate` over replicas x the wall time from the first `generate` to the last.
 
     Returns the summary's `gpu_busy` and `replicas` entries; `replicas.each` has one figure set per
     replica process (a replica Ray restarted appears twice, and counts once in `replicas.count`).
@@ -183,6 +203,7 @@ def busy_summary(replicas: list[ReplicaTime]) -> dict[str, Any]:
             "generate_s": round(generate, 3),
             "prepare_s": round(sum(r.prepare_s for r in working), 3),
             "wait_s": round(sum(r.wait_s for r in working), 3),
+            "fill_s": max((r.fill_s for r in working if r.fill_s is not None), default=None),
             "each": each,
         },
     }

@@ -120,6 +120,7 @@ def test_next_batch_is_prepared_while_one_generates(tiny_model, tmp_path):
     assert figures.generate_s >= generator.model.seconds * 0.99  # the sleeps are inside generate
     assert figures.prepare_s > 0 and figures.wait_s == 0
     assert figures.span_s >= figures.generate_s
+    assert figures.first_block < figures.started and figures.fill_s > 0  # the first batch prepared, then generated
     [published] = timing.read()
     assert published.replica == figures.replica and published.batches == 3 and published.device == "cpu"
 

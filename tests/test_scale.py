@@ -226,15 +226,27 @@ def test_reading_skips_row_groups_with_nothing_left(tmp_path: Path) -> None:
 
 
 def test_blocks_grow_with_the_work() -> None:
-    budget, window = 64 * schema.PIXELS_PER_TOKEN, 4096
+    budget, window = 16 * schema.PIXELS_PER_TOKEN, 4000
     assert block_rows(40, 1, budget, window) == schema.MIN_BLOCK_ROWS
     assert block_rows(2_000, 1, budget, window) == 2_000 // schema.BLOCKS_PER_WORKER
-    assert block_rows(2_000, 8, budget, window) == 2_000 // (schema.BLOCKS_PER_WORKER * 8)
-    assert block_rows(10_000_000, 1, budget, window) == schema.MAX_BLOCK_ROWS
+    assert block_rows(2_000, 8, budget, window) == 50  # 62 by the work, down to a divisor of the window
+    assert block_rows(10_000_000, 1, budget, window) == 1_000  # MAX_BLOCK_ROWS, down to a divisor
     big = block_rows(10_000_000, 1, schema.DEFAULT_MAX_PIXELS, window)
-    assert big * 3 * schema.DEFAULT_MAX_PIXELS <= schema.LOAD_BLOCK_BYTES < (big + 1) * 3 * schema.DEFAULT_MAX_PIXELS
+    assert big * 3 * schema.DEFAULT_MAX_PIXELS <= schema.LOAD_BLOCK_BYTES and window % big == 0
     assert block_rows(10_000_000, 1, budget, 128) == 128  # one infer window at most
     assert block_rows(100, 1, budget, 8) == 8
+
+
+def test_blocks_fill_whole_windows() -> None:
+    """Blocks that do not add up to a window leave the replica odd calls: small batches, each a whole GPU pass."""
+    budget = 64 * schema.PIXELS_PER_TOKEN
+    assert block_rows(640, 1, schema.DEFAULT_MAX_PIXELS, 128) == 16  # 25 rows fit LOAD_BLOCK_BYTES: 16 divides 128
+    assert block_rows(2_000, 1, budget, 128) == 128
+    assert block_rows(400, 1, budget, 96) == 96 and block_rows(300, 1, budget, 96) == 48  # 75 by the work
+    assert block_rows(10_000, 1, budget, 28) == 28  # 14 divides 28, but a block holds at least MIN_BLOCK_ROWS
+    for window in (8, 28, 96, 100, 128, 4096):
+        for rows in (1, 100, 10_000, 10_000_000):
+            assert window % block_rows(rows, 2, budget, window) == 0
 
 
 # --- the job -------------------------------------------------------------------------------------
