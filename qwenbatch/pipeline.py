@@ -18,7 +18,8 @@ from qwenbatch import schema, storage
 from qwenbatch.config import ConfigError, JobConfig, config_snapshot
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
-from qwenbatch.load import Loader, LoadLimits, allowed_roots
+from qwenbatch.load import Loader, allowed_roots
+from qwenbatch.locations import LoadLimits
 from qwenbatch.prompt import prompt_batch
 from qwenbatch.read import block_rows, open_manifest, read_manifest
 from qwenbatch.shards import done_index
