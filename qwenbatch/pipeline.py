@@ -21,6 +21,7 @@ from qwenbatch.inputs import Manifest, find_todo
 from qwenbatch.load import Loader, allowed_roots
 from qwenbatch.locations import LoadLimits
 from qwenbatch.prompt import prompt_batch
+from qwenbatch.ray_start import init_ray
 from qwenbatch.read import block_rows, open_manifest, read_manifest
 from qwenbatch.shards import done_index
 from qwenbatch.timing import TimingSink, busy_summary
@@ -211,7 +212,7 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+        init_ray(ignore_reinit_error=True, logging_level=logging.WARNING)
 
 
 def run(

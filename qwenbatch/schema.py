@@ -121,6 +121,11 @@ REPLICA_CONCURRENT_BLOCKS = 2
 # batches to a power of two of rows, so the decode step compiles for a handful of shapes.
 COMPILE_MIN_PROMPT = 64
 
+# Starting a local Ray: a node that times out while registering is stopped (waiting this long for its
+# processes to go) and started again, up to this many attempts in all.
+RAY_START_ATTEMPTS = 3
+RAY_START_STOP_WAIT_S = 10.0
+
 SUMMARY_FILE = "_summary.json"
 REPLICAS_FOLDER = "_replicas"  # per-run folders of per-replica busy-time files, read by status and the summary
 SUCCESS_FILE = "_SUCCESS"
