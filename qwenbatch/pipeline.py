@@ -18,6 +18,7 @@ from qwenbatch import schema, storage
 from qwenbatch.config import ConfigError, JobConfig, config_snapshot
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
+from qwenbatch.lease import Lease
 from qwenbatch.load import Loader, allowed_roots
 from qwenbatch.locations import LoadLimits
 from qwenbatch.prompt import prompt_batch
@@ -229,10 +230,25 @@ def run(
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
 
     manifest = open_manifest(config.input)  # job-level errors surface here, before Ray starts
+    run_id = new_run_id()
+    with Lease.acquire(output, run_id, config.run.lease_timeout_s) as lease:  # before anything is written
+        summary = _run_held(config, manifest, run_id, lease, max_error_rate, load)
+    return RunResult(output=output, summary=summary)
+
+
+def _run_held(
+    config: JobConfig,
+    manifest: Manifest,
+    run_id: str,
+    lease: Lease,
+    max_error_rate: float | None,
+    load: ModelLoader | None,
+) -> dict[str, Any]:
+    """The run proper, while it holds the output's lease; its summary."""
+    output = config.output.path
     if removed := remove_stale_temp(output):
         log.info("removed %d temp files a killed run left in %s", removed, output)
     todo = find_todo(manifest, done_index(output, config.input.id_column))
-    run_id = new_run_id()
     started = time.time()
     log.info(
         "run %s: %d manifest rows, %d already done, %d to process",
@@ -257,15 +273,16 @@ def run(
         for stage in build_stages(config, placement, run_id, rows_per_block, load):
             dataset = stage.apply(dataset)
         provenance = {"model": config.model.name, "task": config.task.kind, "run_id": run_id}
-        written = write_rows(dataset, config.output, config.input.id_column, **provenance)
+        written = write_rows(dataset, config.output, config.input.id_column, lease, **provenance)
 
     elapsed = time.time() - started
     timing = TimingSink.for_run(output, run_id)
     summary = build_summary(config, manifest, run_id, started, elapsed, written, todo.rows, max_error_rate)
     summary |= busy_summary(timing.read())
+    lease.ensure_held()
     write_summary(output, summary, success=summary["state"] == "succeeded")
     timing.remove_all()  # folded into the summary
-    return RunResult(output=output, summary=summary)
+    return summary
 
 
 def build_summary(

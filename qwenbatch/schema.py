@@ -130,6 +130,12 @@ SUMMARY_FILE = "_summary.json"
 REPLICAS_FOLDER = "_replicas"  # per-run folders of per-replica busy-time files, read by status and the summary
 SUCCESS_FILE = "_SUCCESS"
 TEMP_PREFIX = ".tmp-"  # atomic writes stage here; hidden from readers, removed at the start of a run
+# One writer per output: the lease a run holds while it writes, renewed this many times per timeout;
+# one not renewed for the timeout (or whose process on this host is gone) is taken over.
+LEASE_FILE = "_lease.json"
+DEFAULT_LEASE_TIMEOUT_S = 120.0
+LEASE_RENEWALS_PER_TIMEOUT = 4
+LEASE_ACQUIRE_TRIES = 3  # a lease given back or taken over between our create and read: look again
 
 # The output's shards: a shard is written when it holds this many rows or bytes (in memory), or
 # when its first row has waited this long. A run's first shard goes out with its first finished
