@@ -178,6 +178,17 @@ def load_image(data: bytes, limits: LoadLimits, resize: Resizer) -> np.ndarray:
     """
     image = open_checked(data, limits)
     stored = image.size
+    try:
+        return _decode_and_resize(image, limits, resize)
+    except MemoryError:  # over the load actor's cap (`limit_memory`)
+        raise LoadError(
+            f"decoding this {stored[0]}x{stored[1]} image needs more memory than a load actor may use "
+            f"({limits.memory_mb} MiB, run.load_memory_mb)"
+        ) from None
+
+
+def _decode_and_resize(image: Image.Image, limits: LoadLimits, resize: Resizer) -> np.ndarray:
+    stored = image.size
     try:  # PNG keeps EXIF after the pixels, so reading it decodes them: a corrupt file fails here
         swapped = image.getexif().get(EXIF_ORIENTATION, 1) in ROTATED_ORIENTATIONS
     except (OSError, SyntaxError, ValueError) as exc:
@@ -187,6 +198,23 @@ def load_image(data: bytes, limits: LoadLimits, resize: Resizer) -> np.ndarray:
         image.draft("RGB", resize.target(*stored))  # the decoder's DCT scaling: 1/2, 1/4 or 1/8
     _load_pixels(image)
     return resize(to_rgb(image), target)
+
+
+def limit_memory(extra_mb: int) -> None:
+    """Cap this process's private memory at what it holds now plus `extra_mb`.
+
+    RLIMIT_DATA counts the heap and private anonymous mappings, not Ray's shared object store, so a
+    decode that needs more fails with MemoryError, that row's load_error, where the OOM killer would
+    have taken the whole actor (and Ray would have retried its batch). Thread stacks count too: call
+    it once the process has started its threads.
+    """
+    import resource
+
+    with open("/proc/self/status") as status:
+        held_kb = next(int(line.split()[1]) for line in status if line.startswith("VmData:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = held_kb * 1024 + extra_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
 class Loader:
@@ -200,6 +228,9 @@ class Loader:
         self.resize = Resizer(model, revision, limits)
         self.limits = limits
         self.image_column = image_column
+        if limits.memory_mb is not None:
+            self.resize(Image.new("RGB", (64, 64)), (32, 32))  # torch starts its threads before the cap
+            limit_memory(limits.memory_mb)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Add pixels, width, height, image_tokens, status and error for every row; never drop one.

@@ -34,6 +34,7 @@ class LoadLimits:
     allow_private_network: bool = False
     storage: StorageConfig = StorageConfig()  # object-store endpoint and region, as the driver resolved them
     jpeg_draft: bool = False
+    memory_mb: int | None = None  # what a load actor may take beyond its start (`load.limit_memory`); None: no limit
 
 
 def is_uri(location: str) -> bool:

@@ -125,6 +125,7 @@ def limits_for(config: JobConfig) -> LoadLimits:
         allow_private_network=image.allow_private_network,
         storage=storage.with_environment(config.storage),
         jpeg_draft=image.jpeg_draft,
+        memory_mb=config.run.load_memory_mb,
     )
 
 

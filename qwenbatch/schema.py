@@ -87,6 +87,9 @@ DEFAULT_FETCH_BACKOFF_S = 0.5  # the first retry's wait; it doubles, with jitter
 FETCH_BACKOFF_MAX_S = 10.0
 DEFAULT_MAX_REDIRECTS = 5
 FETCH_CHUNK_BYTES = 256 * 1024
+# Private memory (heap, anonymous mappings: RLIMIT_DATA) a load actor may take beyond what it holds once
+# started; Ray's shared object store does not count. A decode that needs more is that row's load_error.
+DEFAULT_LOAD_MEMORY_MB = 4096
 
 # Input kinds beyond Parquet manifests.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what counts as an image file
