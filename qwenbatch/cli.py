@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qwenbatch.config import ConfigError, JobConfig, StorageConfig, load_config
 from qwenbatch.inputs import ManifestError
+from qwenbatch.lease import LeaseHeld, LeaseLost
 
 log = logging.getLogger("qwenbatch")
 
@@ -226,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ManifestError) as exc:
         print(f"qwenbatch: error: {exc}", file=sys.stderr)
         return 2
+    except (LeaseHeld, LeaseLost) as exc:  # another run writes this output
+        print(f"qwenbatch: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

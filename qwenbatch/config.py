@@ -164,6 +164,17 @@ class RunConfig(_Section):
         default=None, ge=1, description="load actors at most; default: the cluster's CPUs the replicas leave free"
     )
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    load_memory_mb: int | None = Field(
+        default=schema.DEFAULT_LOAD_MEMORY_MB,
+        ge=64,
+        description="private memory each load actor may take beyond what it holds once started; an image whose "
+        "decode needs more is that row's load_error instead of the actor's death; null: no limit",
+    )
+    lease_timeout_s: float = Field(
+        default=schema.DEFAULT_LEASE_TIMEOUT_S,
+        gt=0,
+        description="a run's lease on its output not renewed for this long is taken over by the next run",
+    )
     processor_device: Literal["cpu", "cuda"] = Field(
         default="cpu",
         description="where a replica normalises and patchifies its images: cuda runs the processor's torchvision "

@@ -23,7 +23,7 @@ from importlib import metadata
 from urllib.parse import urljoin, urlsplit
 
 from qwenbatch import schema, storage
-from qwenbatch.load import LoadError, LoadLimits, check_location
+from qwenbatch.locations import LoadError, LoadLimits, check_location
 
 HTTP_SCHEMES = ("http", "https")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)

@@ -4,86 +4,20 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
 from qwenbatch import schema
-from qwenbatch.config import ConfigError, StorageConfig
-from qwenbatch.rows import RowError, column_or_nulls, error_message, with_columns
+from qwenbatch.config import ConfigError
+from qwenbatch.fetch import fetch
+from qwenbatch.locations import LoadError, LoadLimits, check_location, is_uri, normalise_location
+from qwenbatch.rows import column_or_nulls, error_message, with_columns
 
 Image.MAX_IMAGE_PIXELS = None  # our own header check below is the bomb guard
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # the orientations that swap width and height
-
-
-class LoadError(RowError):
-    """A row-level failure in the load stage; its message becomes the row's `error`."""
-
-
-@dataclass(frozen=True)
-class LoadLimits:
-    min_pixels: int
-    max_pixels: int
-    allowed_prefixes: tuple[str, ...]  # normalised (see `allowed_roots`); rows elsewhere are never read
-    max_bytes: int = schema.DEFAULT_MAX_BYTES
-    max_source_pixels: int = schema.DEFAULT_MAX_SOURCE_PIXELS
-    formats: tuple[str, ...] = schema.DEFAULT_FORMATS
-    fetch_timeout_s: float = schema.DEFAULT_FETCH_TIMEOUT_S
-    fetch_retries: int = schema.DEFAULT_FETCH_RETRIES
-    fetch_backoff_s: float = schema.DEFAULT_FETCH_BACKOFF_S
-    max_redirects: int = schema.DEFAULT_MAX_REDIRECTS
-    allow_private_network: bool = False
-    storage: StorageConfig = StorageConfig()  # object-store endpoint and region, as the driver resolved them
-    jpeg_draft: bool = False
-
-
-def is_uri(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
-
-
-def normalise_location(location: str) -> str:
-    """The canonical form the prefix check compares: what will really be read, not what the row says.
-
-    Local paths are made absolute with `..` and symlinks resolved. URIs get a lower-case scheme and
-    host (user info dropped); a `.` or `..` segment, raw or percent-encoded, is refused outright
-    because object stores keep it literally while web servers resolve it.
-    """
-    if not is_uri(location):
-        return os.path.realpath(location.removeprefix("file://"))
-    if "\\" in location:
-        raise LoadError("location contains a backslash")
-    parts = urlsplit(location)
-    if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
-        raise LoadError("location has a '.' or '..' path segment")
-    try:
-        port = f":{parts.port}" if parts.port is not None else ""
-    except ValueError:
-        raise LoadError("location has an invalid port") from None
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme.lower()}://{parts.hostname or ''}{port}{parts.path}{query}"
-
-
-def is_under(normal: str, prefix: str) -> bool:
-    """Prefix match on whole path segments: `/data/a` holds `/data/a/x.jpg` but not `/data/ab.jpg`."""
-    if prefix.endswith("/"):
-        return normal.startswith(prefix)
-    return normal == prefix or normal.startswith(prefix + "/")
-
-
-def check_location(location: str, limits: LoadLimits) -> str:
-    """The location to read if it lies under an allowed prefix; a LoadError, before any I/O, if not.
-
-    Remote fetchers call this again for every redirect target.
-    """
-    normal = normalise_location(location)
-    if not any(is_under(normal, prefix) for prefix in limits.allowed_prefixes):
-        shown = ", ".join(limits.allowed_prefixes[:3]) + (", ..." if len(limits.allowed_prefixes) > 3 else "")
-        raise LoadError(f"location is outside image.allowed_prefixes ({shown or 'none'})")
-    return location if is_uri(location) else normal
 
 
 def allowed_roots(prefixes: tuple[str, ...] | None, manifests: list[str]) -> tuple[str, ...]:
@@ -128,8 +62,6 @@ def _is_file(location: str) -> bool:
 def fetch_bytes(location: str, limits: LoadLimits) -> bytes:
     """Read a local image, refusing files over the byte limit before reading them; URIs go to `fetch`."""
     if is_uri(location):
-        from qwenbatch.fetch import fetch  # it builds on this module
-
         return fetch(location, limits)
     path = location.removeprefix("file://")
     try:
@@ -246,6 +178,17 @@ def load_image(data: bytes, limits: LoadLimits, resize: Resizer) -> np.ndarray:
     """
     image = open_checked(data, limits)
     stored = image.size
+    try:
+        return _decode_and_resize(image, limits, resize)
+    except MemoryError:  # over the load actor's cap (`limit_memory`)
+        raise LoadError(
+            f"decoding this {stored[0]}x{stored[1]} image needs more memory than a load actor may use "
+            f"({limits.memory_mb} MiB, run.load_memory_mb)"
+        ) from None
+
+
+def _decode_and_resize(image: Image.Image, limits: LoadLimits, resize: Resizer) -> np.ndarray:
+    stored = image.size
     try:  # PNG keeps EXIF after the pixels, so reading it decodes them: a corrupt file fails here
         swapped = image.getexif().get(EXIF_ORIENTATION, 1) in ROTATED_ORIENTATIONS
     except (OSError, SyntaxError, ValueError) as exc:
@@ -255,6 +198,23 @@ def load_image(data: bytes, limits: LoadLimits, resize: Resizer) -> np.ndarray:
         image.draft("RGB", resize.target(*stored))  # the decoder's DCT scaling: 1/2, 1/4 or 1/8
     _load_pixels(image)
     return resize(to_rgb(image), target)
+
+
+def limit_memory(extra_mb: int) -> None:
+    """Cap this process's private memory at what it holds now plus `extra_mb`.
+
+    RLIMIT_DATA counts the heap and private anonymous mappings, not Ray's shared object store, so a
+    decode that needs more fails with MemoryError, that row's load_error, where the OOM killer would
+    have taken the whole actor (and Ray would have retried its batch). Thread stacks count too: call
+    it once the process has started its threads.
+    """
+    import resource
+
+    with open("/proc/self/status") as status:
+        held_kb = next(int(line.split()[1]) for line in status if line.startswith("VmData:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = held_kb * 1024 + extra_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 
 class Loader:
@@ -268,6 +228,9 @@ class Loader:
         self.resize = Resizer(model, revision, limits)
         self.limits = limits
         self.image_column = image_column
+        if limits.memory_mb is not None:
+            self.resize(Image.new("RGB", (64, 64)), (32, 32))  # torch starts its threads before the cap
+            limit_memory(limits.memory_mb)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Add pixels, width, height, image_tokens, status and error for every row; never drop one.

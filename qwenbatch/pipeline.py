@@ -18,8 +18,11 @@ from qwenbatch import schema, storage
 from qwenbatch.config import ConfigError, JobConfig, config_snapshot
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
-from qwenbatch.load import Loader, LoadLimits, allowed_roots
+from qwenbatch.lease import Lease
+from qwenbatch.load import Loader, allowed_roots
+from qwenbatch.locations import LoadLimits
 from qwenbatch.prompt import prompt_batch
+from qwenbatch.ray_start import init_ray
 from qwenbatch.read import block_rows, open_manifest, read_manifest
 from qwenbatch.shards import done_index
 from qwenbatch.timing import TimingSink, busy_summary
@@ -122,6 +125,7 @@ def limits_for(config: JobConfig) -> LoadLimits:
         allow_private_network=image.allow_private_network,
         storage=storage.with_environment(config.storage),
         jpeg_draft=image.jpeg_draft,
+        memory_mb=config.run.load_memory_mb,
     )
 
 
@@ -210,7 +214,7 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, logging_level=logging.WARNING)
+        init_ray(ignore_reinit_error=True, logging_level=logging.WARNING)
 
 
 def run(
@@ -227,10 +231,25 @@ def run(
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
 
     manifest = open_manifest(config.input)  # job-level errors surface here, before Ray starts
+    run_id = new_run_id()
+    with Lease.acquire(output, run_id, config.run.lease_timeout_s) as lease:  # before anything is written
+        summary = _run_held(config, manifest, run_id, lease, max_error_rate, load)
+    return RunResult(output=output, summary=summary)
+
+
+def _run_held(
+    config: JobConfig,
+    manifest: Manifest,
+    run_id: str,
+    lease: Lease,
+    max_error_rate: float | None,
+    load: ModelLoader | None,
+) -> dict[str, Any]:
+    """The run proper, while it holds the output's lease; its summary."""
+    output = config.output.path
     if removed := remove_stale_temp(output):
         log.info("removed %d temp files a killed run left in %s", removed, output)
     todo = find_todo(manifest, done_index(output, config.input.id_column))
-    run_id = new_run_id()
     started = time.time()
     log.info(
         "run %s: %d manifest rows, %d already done, %d to process",
@@ -255,15 +274,16 @@ def run(
         for stage in build_stages(config, placement, run_id, rows_per_block, load):
             dataset = stage.apply(dataset)
         provenance = {"model": config.model.name, "task": config.task.kind, "run_id": run_id}
-        written = write_rows(dataset, config.output, config.input.id_column, **provenance)
+        written = write_rows(dataset, config.output, config.input.id_column, lease, **provenance)
 
     elapsed = time.time() - started
     timing = TimingSink.for_run(output, run_id)
     summary = build_summary(config, manifest, run_id, started, elapsed, written, todo.rows, max_error_rate)
     summary |= busy_summary(timing.read())
+    lease.ensure_held()
     write_summary(output, summary, success=summary["state"] == "succeeded")
     timing.remove_all()  # folded into the summary
-    return RunResult(output=output, summary=summary)
+    return summary
 
 
 def build_summary(

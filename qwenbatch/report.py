@@ -28,7 +28,8 @@ import pyarrow.dataset as pads
 
 from qwenbatch import schema, storage
 from qwenbatch.config import JobConfig
-from qwenbatch.load import LoadLimits, fetch_bytes, open_checked, to_rgb
+from qwenbatch.load import fetch_bytes, open_checked, to_rgb
+from qwenbatch.locations import LoadLimits
 from qwenbatch.pipeline import limits_for
 from qwenbatch.rows import error_message
 from qwenbatch.shards import NO_STATUS, Shard, list_shards, merge_stats, read_stats

@@ -87,6 +87,9 @@ DEFAULT_FETCH_BACKOFF_S = 0.5  # the first retry's wait; it doubles, with jitter
 FETCH_BACKOFF_MAX_S = 10.0
 DEFAULT_MAX_REDIRECTS = 5
 FETCH_CHUNK_BYTES = 256 * 1024
+# Private memory (heap, anonymous mappings: RLIMIT_DATA) a load actor may take beyond what it holds once
+# started; Ray's shared object store does not count. A decode that needs more is that row's load_error.
+DEFAULT_LOAD_MEMORY_MB = 4096
 
 # Input kinds beyond Parquet manifests.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what counts as an image file
@@ -121,10 +124,21 @@ REPLICA_CONCURRENT_BLOCKS = 2
 # batches to a power of two of rows, so the decode step compiles for a handful of shapes.
 COMPILE_MIN_PROMPT = 64
 
+# Starting a local Ray: a node that times out while registering is stopped (waiting this long for its
+# processes to go) and started again, up to this many attempts in all.
+RAY_START_ATTEMPTS = 3
+RAY_START_STOP_WAIT_S = 10.0
+
 SUMMARY_FILE = "_summary.json"
 REPLICAS_FOLDER = "_replicas"  # per-run folders of per-replica busy-time files, read by status and the summary
 SUCCESS_FILE = "_SUCCESS"
 TEMP_PREFIX = ".tmp-"  # atomic writes stage here; hidden from readers, removed at the start of a run
+# One writer per output: the lease a run holds while it writes, renewed this many times per timeout;
+# one not renewed for the timeout (or whose process on this host is gone) is taken over.
+LEASE_FILE = "_lease.json"
+DEFAULT_LEASE_TIMEOUT_S = 120.0
+LEASE_RENEWALS_PER_TIMEOUT = 4
+LEASE_ACQUIRE_TRIES = 3  # a lease given back or taken over between our create and read: look again
 
 # The output's shards: a shard is written when it holds this many rows or bytes (in memory), or
 # when its first row has waited this long. A run's first shard goes out with its first finished

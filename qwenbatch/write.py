@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from qwenbatch import schema, storage
 from qwenbatch.config import OutputConfig
+from qwenbatch.lease import Lease, LeaseLost
 from qwenbatch.shards import list_shards, merge_stats, read_stats, write_shard
 
 QUEUED_BATCHES = 8  # blocks waiting for the writer thread before the pipeline waits for it
@@ -61,13 +62,17 @@ class ShardWriter:
     The pipeline's last operator hands its blocks to `put`; the thread finalizes them, gathers them
     up to the limits and writes each shard with its index (`shards.write_shard`), while the pipeline
     goes on. A crash loses only rows not yet in a shard, which no index lists, so the next run does
-    them again; a shard is named by its ids, so one written twice overwrites itself.
+    them again; a shard is named by its ids, so one written twice overwrites itself. With a `lease`,
+    each shard is written only after renewing it: a run that lost its output writes nothing more.
     """
 
-    def __init__(self, output: str, id_column: str, limits: ShardLimits, **finalize: str) -> None:
+    def __init__(
+        self, output: str, id_column: str, limits: ShardLimits, lease: Lease | None = None, **finalize: str
+    ) -> None:
         self.filesystem, self.base = storage.resolve(output)
         self.id_column = id_column
         self.limits = limits
+        self.lease = lease
         self.finalize = finalize
         self.stats: list[dict[str, Any]] = []
         self.error: BaseException | None = None
@@ -79,7 +84,7 @@ class ShardWriter:
         """Blocks while the writer is behind: the pipeline waits rather than piling rows up on the driver."""
         while True:
             if self.error is not None:
-                raise RuntimeError("writing a shard failed") from self.error
+                self._raise()
             try:
                 self.queue.put(batch, timeout=1.0)
                 return
@@ -92,8 +97,13 @@ class ShardWriter:
             self.put(None)  # type: ignore[arg-type]  # the end
             self.thread.join()
         if self.error is not None:
-            raise RuntimeError("writing a shard failed") from self.error
+            self._raise()
         return merge_stats(self.stats)
+
+    def _raise(self) -> None:
+        if isinstance(self.error, LeaseLost):
+            raise self.error  # not a failure to write: the output is another run's now
+        raise RuntimeError("writing a shard failed") from self.error
 
     def _run(self) -> None:
         buffer: list[pa.Table] = []
@@ -130,14 +140,18 @@ class ShardWriter:
 
     def _write(self, tables: list[pa.Table]) -> None:
         table = pa.concat_tables(tables, promote_options="default")
+        if self.lease is not None:
+            self.lease.ensure_held()
         self.stats.append(write_shard(self.filesystem, self.base, table, self.id_column))
 
 
-def write_rows(dataset: Any, output: OutputConfig, id_column: str, **provenance: str) -> dict[str, Any]:
+def write_rows(
+    dataset: Any, output: OutputConfig, id_column: str, lease: Lease | None = None, **provenance: str
+) -> dict[str, Any]:
     """Every row of the dataset into shards; this run's totals. No dataset: nothing to write, zero totals."""
     if dataset is None:
         return merge_stats([])
-    writer = ShardWriter(output.path, id_column, ShardLimits.of(output), **provenance)
+    writer = ShardWriter(output.path, id_column, ShardLimits.of(output), lease, **provenance)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.put(batch)
@@ -150,7 +164,7 @@ def write_rows(dataset: Any, output: OutputConfig, id_column: str, **provenance:
 def remove_stale_temp(output: str) -> int:
     """Delete temp files a killed writer left behind; readers skip them anyway, this only frees space.
 
-    Runs before any writer of this run starts; two runs writing one output at once are not supported.
+    Runs before any writer of this run starts, under the run's lease: no other run writes there now.
     """
     fs, base = storage.resolve(output)
     if not storage.is_local(fs) or not os.path.isdir(base):

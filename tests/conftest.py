@@ -28,11 +28,14 @@ def tiny_thinking_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray, started once: starting Ray costs seconds, tests share it."""
+    """A real local Ray, started once: starting Ray costs seconds, tests share it. A start that times out
+    on a busy machine is tried again (`init_ray`), so one slow start does not fail every test that uses it."""
     import ray
 
+    from qwenbatch.ray_start import init_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        init_ray(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

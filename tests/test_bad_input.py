@@ -246,6 +246,35 @@ def test_every_case_is_one_row(tmp_path: Path, tiny_model: Path, ray_local) -> N
     }
 
 
+def test_a_decode_over_the_load_actors_memory_is_a_load_error(tmp_path: Path, tiny_model: Path, ray_local) -> None:
+    """A 12000x10000 PNG (a flat colour: 1 MB on disk, 360 MB decoded) under a 256 MiB cap on the load
+    actors: the decode fails inside the actor, that row alone is a load_error, its neighbours load."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    huge = folder / "huge.png"
+    Image.new("RGB", (12_000, 10_000), (200, 30, 90)).save(huge, "PNG", compress_level=1)
+    good = []
+    for index in range(6):
+        path = folder / f"good{index}.png"
+        noise_image(64, 48, index).save(path, "PNG")
+        good.append(path)
+    rows = [{"id": path.stem, "image": str(path)} for path in [*good[:3], huge, *good[3:]]]
+    manifest = write_manifest(tmp_path / "manifest.parquet", rows)
+    image = {"max_source_pixels": 200_000_000}
+    config = job_config(tiny_model, manifest, tmp_path / "out", image=image, run={"load_memory_mb": 256})
+
+    result = run(config)
+
+    out = {row["id"]: row for row in read_output(tmp_path / "out").to_pylist()}
+    assert sorted(out) == sorted(row["id"] for row in rows)
+    assert out["huge"]["status"] == schema.LOAD_ERROR
+    assert out["huge"]["error"] == (
+        "decoding this 12000x10000 image needs more memory than a load actor may use (256 MiB, run.load_memory_mb)"
+    )
+    assert all(out[path.stem]["status"] == schema.OK for path in good)
+    assert result.succeeded
+
+
 # --- manifest checks: job-level errors before any work ------------------------------------------
 
 

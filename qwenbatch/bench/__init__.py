@@ -37,6 +37,7 @@ from qwenbatch.bench.cost import H100_FREE_AFTER_LOAD, KV_BYTES_PER_TOKEN
 from qwenbatch.bench.images import make_bench_images
 from qwenbatch.bench.measure import Measure, machine
 from qwenbatch.bench.shape import QWEN3_VL_8B_PARAMS, build_random_8b, count_parameters, qwen3_vl_8b_config
+from qwenbatch.ray_start import init_ray
 
 __all__ = ["QWEN3_VL_8B_PARAMS", "count_parameters", "markdown", "qwen3_vl_8b_config", "run_bench"]
 
@@ -160,7 +161,7 @@ def start_ray(mode: Mode) -> None:
     import ray
 
     if mode.name == "sim" and not ray.is_initialized():
-        ray.init(num_gpus=1, include_dashboard=False, logging_level=logging.WARNING)
+        init_ray(num_gpus=1, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def run_bench(

@@ -186,7 +186,8 @@ def load_stage(config, paths: list[str]) -> list[dict[str, Any]]:
     from PIL import Image
 
     from qwenbatch.hub import load_processor
-    from qwenbatch.load import Resizer, check_location, fetch_bytes, load_image
+    from qwenbatch.load import Resizer, fetch_bytes, load_image
+    from qwenbatch.locations import check_location
     from qwenbatch.pipeline import limits_for
 
     image_processor = load_processor(config.model.name, None).image_processor
@@ -226,7 +227,8 @@ def task_table(model_path: str, manifest: Path, mode: Mode, repeats: int = 3) ->
 
     from qwenbatch.hub import load_processor
     from qwenbatch.infer import Generator
-    from qwenbatch.load import Resizer, check_location, fetch_bytes, load_image
+    from qwenbatch.load import Resizer, fetch_bytes, load_image
+    from qwenbatch.locations import check_location
     from qwenbatch.pipeline import limits_for
     from qwenbatch.prompt import chat_messages, instruction_for
 
