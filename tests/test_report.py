@@ -23,6 +23,7 @@ from PIL import Image
 
 from qwenbatch import cli, demo, pipeline, report, schema, storage
 from qwenbatch.config import StorageConfig
+from qwenbatch.report_svg import display_text
 from qwenbatch.status import read_status
 from qwenbatch.write import summarize_output
 from tests.helpers import encode, noise_image, read_output
@@ -176,7 +177,7 @@ def test_demo_report_in_chromium(demo_output: Path, browser: Any, tmp_path: Path
     assert len(failed) == 1 and failed[0]["placeholder"] and not failed[0]["thumb"]  # the truncated file
     assert failed[0]["error"] == rows[failed[0]["id"]][schema.ERROR]
     for card in ok:
-        assert words(card["text"]) == words(report.display_text(rows[card["id"]][schema.TEXT]))
+        assert words(card["text"]) == words(display_text(rows[card["id"]][schema.TEXT]))
 
     assert [c["id"] for c in page.show(schema.LOAD_ERROR)] == [failed[0]["id"]]
     assert len(page.show(schema.OK)) == 47
