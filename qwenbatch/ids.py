@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -123,6 +124,19 @@ class Part:
         return cls(Hashes(columns["hi"], columns["lo"]), columns["row"])
 
 
+class SpillFolder:
+    """A temp folder of id parts: removed when closed, when nothing holds it any more, or when the
+    process exits, so a run that stops between the id check and its use of the ids (an error, a
+    held lease) leaves no gigabytes behind. Only a killed process does."""
+
+    def __init__(self) -> None:
+        self.path = tempfile.mkdtemp(prefix="qwenbatch-ids-")
+        self.remove = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def join(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
 @dataclass
 class SortedIds:
     """Hashes with their row numbers, in parts by the top `bits` of `hi`, each sorted by (hi, lo).
@@ -131,7 +145,7 @@ class SortedIds:
     """
 
     bits: int
-    folder: str | None = None
+    folder: SpillFolder | None = None
     memory: Part | None = None
     rows: int = 0
     closed: bool = False
@@ -145,7 +159,7 @@ class SortedIds:
             raise RuntimeError("these sorted ids were used up and their parts removed")
         if self.folder is None:
             return self.memory or Part.empty()
-        path = os.path.join(self.folder, f"sorted-{index:05d}.npz")
+        path = self.folder.join(f"sorted-{index:05d}.npz")
         if not os.path.exists(path):
             return Part.empty()
         with np.load(path) as saved:
@@ -158,7 +172,7 @@ class SortedIds:
     def close(self) -> None:
         """Free the memory or disk the parts take; the parts are gone after."""
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.remove()
             self.folder = None
         self.memory = None
         self.closed = True
@@ -172,7 +186,7 @@ class IdSorter:
     part_rows: int | None = None  # default: schema.ID_PART_ROWS
     split_bits: int | None = None  # the parts by these top bits, whatever the rows
     bits: int = field(init=False)
-    folder: str | None = field(init=False, default=None)
+    folder: SpillFolder | None = field(init=False, default=None)
     pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(init=False, default_factory=list)
     rows: int = field(init=False, default=0)
     buffered: int = field(init=False, default=0)
@@ -181,7 +195,7 @@ class IdSorter:
     def __post_init__(self) -> None:
         self.bits = part_bits(self.expected_rows, self.part_rows) if self.split_bits is None else self.split_bits
         if self.bits:
-            self.folder = tempfile.mkdtemp(prefix="qwenbatch-ids-")
+            self.folder = SpillFolder()
 
     def add(self, hashes: Hashes) -> None:
         row = np.arange(self.rows, self.rows + len(hashes), dtype=np.int64)
@@ -201,7 +215,7 @@ class IdSorter:
         for index in range(2**self.bits):
             take = order[bounds[index] : bounds[index + 1]]
             if len(take):
-                path = os.path.join(self.folder, f"piece-{index:05d}-{self.spilled:06d}.npz")
+                path = self.folder.join(f"piece-{index:05d}-{self.spilled:06d}.npz")
                 np.savez(path, hi=hi[take], lo=lo[take], row=row[take])
         self.spilled += 1
 
@@ -215,9 +229,9 @@ class IdSorter:
             return SortedIds(0, memory=Part.sorted_from(columns), rows=self.rows)
         if self.pieces:
             self._spill()
-        names = sorted(os.listdir(self.folder))
+        names = sorted(os.listdir(self.folder.path))
         for index in range(2**self.bits):
-            mine = [os.path.join(self.folder, n) for n in names if n.startswith(f"piece-{index:05d}-")]
+            mine = [self.folder.join(n) for n in names if n.startswith(f"piece-{index:05d}-")]
             if not mine:
                 continue
             columns = {}
@@ -226,7 +240,7 @@ class IdSorter:
             part = Part.sorted_from(columns)
             for path in mine:
                 os.remove(path)
-            path = os.path.join(self.folder, f"sorted-{index:05d}.npz")
+            path = self.folder.join(f"sorted-{index:05d}.npz")
             np.savez(path, hi=part.hashes.hi, lo=part.hashes.lo, row=part.row)
         return SortedIds(self.bits, folder=self.folder, rows=self.rows)
 

@@ -82,7 +82,7 @@ def test_duplicates_found_the_same_in_parts(part_rows: int | None) -> None:
     first_seen = sorted({v for v in repeated}, key=everything.index)[: inputs.DUPLICATE_EXAMPLES]
     examples = ", ".join(repr(v) for v in first_seen)
     assert str(error.value) == f"6 ids appear more than once in 'id', e.g. {examples}"
-    assert check.sorter.folder is None or not os.path.exists(check.sorter.folder)  # the parts are gone
+    assert check.sorter.folder is None or not os.path.exists(check.sorter.folder.path)  # the parts are gone
 
 
 class FakeDone:
@@ -121,6 +121,35 @@ def test_rows_left_to_do_are_the_same_in_parts(monkeypatch: pytest.MonkeyPatch, 
     (parts,) = done.asked
     assert parts.bits == {None: 0, 4: 9, 1000: 2}[part_rows]  # as fine as the larger set needs
     assert parts.closed and parts.folder is None  # its parts, on disk or in memory, are gone once used
+
+
+SPILLED_AND_LEFT = """
+import gc, os, sys
+import pyarrow as pa
+from qwenbatch import ids
+sorter = ids.IdSorter(1_000, split_bits=2)
+sorter.add(ids.hash_ids(pa.array([str(n) for n in range(1_000)])))
+parts = sorter.finish()
+folder = parts.folder.path
+print(folder, os.path.exists(folder), flush=True)
+if sys.argv[1] == "dropped":  # nothing holds the parts any more, and the process goes on
+    del sorter, parts
+    gc.collect()
+    print(folder, os.path.exists(folder), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "dropped"])
+def test_spilled_id_parts_never_outlive_their_process(how: str) -> None:
+    """A run that stops between the id check and its use of the ids (an error, a held lease) leaves no parts."""
+    done = subprocess.run([sys.executable, "-c", SPILLED_AND_LEFT, how], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert lines[0][1] == "True"  # spilled to disk, as a large check does
+    folder = lines[0][0]
+    assert not os.path.exists(folder)
+    if how == "dropped":
+        assert lines[1] == [folder, "False"]  # gone while the process still ran
 
 
 def test_check_ids_keeps_its_messages() -> None:
