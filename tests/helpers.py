@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -23,6 +26,25 @@ def noise_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.
     blocks = Image.fromarray(np.clip(rng.normal(128, 64, shape), 0, 255).astype(np.uint8), "RGB")
     image = Image.blend(base, blocks.resize((width, height)), 0.5)
     return image.convert(mode) if mode != "RGB" else image
+
+
+@contextmanager
+def moto_s3(bucket: str) -> Iterator[str]:
+    """A real S3-compatible server (moto) on a free loopback port, with `bucket` made: its endpoint.
+
+    Credentials come from the environment, which the caller sets first.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(bucket)
+        yield endpoint
+    finally:
+        server.stop()
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -18,13 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pytest
 
 from qwenbatch import schema, storage
 from qwenbatch.config import StorageConfig
 from qwenbatch.lease import Holder, Lease, LeaseHeld, LeaseLost
-from tests.helpers import job_data, write_images, write_manifest
+from tests.helpers import job_data, moto_s3, write_images, write_manifest
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "qwenbatch-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "qwenbatch-test")
@@ -37,15 +36,8 @@ JOB_TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
-    yield endpoint
-    server.stop()
+    with moto_s3(BUCKET) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(params=["local", "s3"])

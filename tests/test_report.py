@@ -26,7 +26,7 @@ from qwenbatch.config import StorageConfig
 from qwenbatch.report_svg import display_text
 from qwenbatch.status import read_status
 from qwenbatch.write import summarize_output
-from tests.helpers import encode, noise_image, read_output
+from tests.helpers import encode, moto_s3, noise_image, read_output
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -238,7 +238,6 @@ def test_partial_run_report(
 def test_report_from_s3(demo_output: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Output, images and the report itself on an S3 server (moto), through `qwenbatch report`."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -247,39 +246,36 @@ def test_report_from_s3(demo_output: Path, tmp_path: Path, monkeypatch: pytest.M
         "AWS_EC2_METADATA_DISABLED": "true",
     }.items():
         monkeypatch.setenv(name, value)
-    server = ThreadedMotoServer(port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="runs")
-        table = read_output(demo_output)
-        local = table.column(schema.IMAGE).to_pylist()
-        uris = [f"s3://runs/images/{Path(p).name}" for p in local]
-        for path, uri in zip(local, uris, strict=True):
-            s3.upload_file(path, "runs", uri.removeprefix("s3://runs/"))
-        table = table.set_column(table.schema.get_field_index(schema.IMAGE), schema.IMAGE, pa.array(uris))
-        pq.write_table(table, tmp_path / "part-0.parquet")
-        s3.upload_file(str(tmp_path / "part-0.parquet"), "runs", "out/part-0.parquet")
-        summary = json.loads((demo_output / schema.SUMMARY_FILE).read_text())
-        summary["config"]["storage"]["endpoint_url"] = endpoint  # as a job on that store records it
-        s3.put_object(Bucket="runs", Key=f"out/{schema.SUMMARY_FILE}", Body=json.dumps(summary).encode())
-        s3.put_object(Bucket="runs", Key=f"out/{schema.SUCCESS_FILE}", Body=b"")
+    with moto_s3("runs") as endpoint:
+        try:
+            s3 = boto3.client("s3", endpoint_url=endpoint)
+            table = read_output(demo_output)
+            local = table.column(schema.IMAGE).to_pylist()
+            uris = [f"s3://runs/images/{Path(p).name}" for p in local]
+            for path, uri in zip(local, uris, strict=True):
+                s3.upload_file(path, "runs", uri.removeprefix("s3://runs/"))
+            table = table.set_column(table.schema.get_field_index(schema.IMAGE), schema.IMAGE, pa.array(uris))
+            pq.write_table(table, tmp_path / "part-0.parquet")
+            s3.upload_file(str(tmp_path / "part-0.parquet"), "runs", "out/part-0.parquet")
+            summary = json.loads((demo_output / schema.SUMMARY_FILE).read_text())
+            summary["config"]["storage"]["endpoint_url"] = endpoint  # as a job on that store records it
+            s3.put_object(Bucket="runs", Key=f"out/{schema.SUMMARY_FILE}", Body=json.dumps(summary).encode())
+            s3.put_object(Bucket="runs", Key=f"out/{schema.SUCCESS_FILE}", Body=b"")
 
-        assert (
-            cli.main(["report", "s3://runs/out", "--out", "s3://runs/reports/demo.html", "--endpoint-url", endpoint])
-            == 0
-        )
-        stored = s3.get_object(Bucket="runs", Key="reports/demo.html")["Body"].read()
-        assert stored.count(b'class="thumb"') == 47 and stored.count(b'class="ph"') == 1
-        facts = report.gather("s3://runs/out")
-        assert facts.state == "succeeded" and facts.rows == 48
-        assert facts.status == {schema.OK: 47, schema.LOAD_ERROR: 1}
-        assert len(facts.timeline) == 2  # the run's start and its one shard, timed by the object's mtime
-    finally:
-        storage.configure(StorageConfig())
-        server.stop()
+            assert (
+                cli.main(
+                    ["report", "s3://runs/out", "--out", "s3://runs/reports/demo.html", "--endpoint-url", endpoint]
+                )
+                == 0
+            )
+            stored = s3.get_object(Bucket="runs", Key="reports/demo.html")["Body"].read()
+            assert stored.count(b'class="thumb"') == 47 and stored.count(b'class="ph"') == 1
+            facts = report.gather("s3://runs/out")
+            assert facts.state == "succeeded" and facts.rows == 48
+            assert facts.status == {schema.OK: 47, schema.LOAD_ERROR: 1}
+            assert len(facts.timeline) == 2  # the run's start and its one shard, timed by the object's mtime
+        finally:
+            storage.configure(StorageConfig())
 
 
 SCALE_ROWS = 100_000

@@ -28,7 +28,7 @@ from qwenbatch.config import InputConfig, StorageConfig
 from qwenbatch.load import Loader
 from qwenbatch.pipeline import limits_for, run
 from qwenbatch.read import open_manifest, read_manifest
-from tests.helpers import encode, job_config, noise_image
+from tests.helpers import encode, job_config, moto_s3, noise_image
 
 # Credentials come from each process's environment, never the config. Set here, at collection,
 # before the session's Ray starts, so that its workers inherit them as a cluster's nodes would.
@@ -43,21 +43,14 @@ IMAGES = ["a/0.png", "a/1.jpg", "a/deeper/2.png", "b/3.jpg", "b/4.png", "5.png"]
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
     """A moto S3 server on a free loopback port, with a bucket of images."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
-    fs.create_dir(BUCKET)
-    for index, name in enumerate(IMAGES):
-        fmt = "PNG" if name.endswith(".png") else "JPEG"
-        put(fs, f"{BUCKET}/images/{name}", encode(noise_image(40 + 8 * index, 36, index), fmt))
-    put(fs, f"{BUCKET}/images/notes.txt", b"not an image")
-    put(fs, f"{BUCKET}/images/.hidden/6.png", encode(noise_image(32, 32, 6), "PNG"))
-    yield endpoint
-    server.stop()
+    with moto_s3(BUCKET) as endpoint:
+        fs = pafs.S3FileSystem(endpoint_override=endpoint)
+        for index, name in enumerate(IMAGES):
+            fmt = "PNG" if name.endswith(".png") else "JPEG"
+            put(fs, f"{BUCKET}/images/{name}", encode(noise_image(40 + 8 * index, 36, index), fmt))
+        put(fs, f"{BUCKET}/images/notes.txt", b"not an image")
+        put(fs, f"{BUCKET}/images/.hidden/6.png", encode(noise_image(32, 32, 6), "PNG"))
+        yield endpoint
 
 
 def put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
