@@ -6,16 +6,22 @@ test gives the job. Before the attempt ledger, Ray retried such a row without en
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import multiprocessing
+import signal
 import tempfile
 import time
 from pathlib import Path
 
-from qwenbatch import schema
+import pytest
+
+from qwenbatch import attempts, schema
+from qwenbatch.attempts import AttemptLedger, Guard, die_if_told
 from tests.helpers import job_data, read_output, start_run, stop_group, write_images, write_manifest
 
 GOOD_ROWS = 50
-RUN_BOUND_S = 420  # a run with five worker deaths on 2 busy cores; without the ledger it never ends
+RUN_BOUND_S = 420  # a run with seven worker deaths on 2 busy cores; without the ledger it never ends
 
 
 def test_rows_that_kill_their_worker_end_as_error_rows(tmp_path: Path, tiny_model: Path) -> None:
@@ -60,3 +66,40 @@ def test_rows_that_kill_their_worker_end_as_error_rows(tmp_path: Path, tiny_mode
         if row.startswith("good"):
             assert (by_id[row]["status"], by_id[row]["error"]) == (schema.OK, None), by_id[row]
     assert not (tmp_path / "out" / schema.ATTEMPTS_FOLDER).exists()  # the ledger goes with the run
+
+
+def guarded_until_done(ledger: AttemptLedger, ids: list[str]) -> tuple[dict[int, str], list[int]]:
+    """Ray's part, with real processes: a call in a fresh process, called again each time its process dies."""
+    context = multiprocessing.get_context("fork")
+    deaths = []
+    for _ in range(10):
+        results = context.Queue()
+
+        def call(results=results) -> None:
+            faulthandler.disable()  # pytest's: its stack dumps of the expected deaths would only be noise
+            work = lambda keys: {k: (die_if_told("load", [ids[k]]), "ok")[1] for k in keys}  # noqa: E731
+            results.put(Guard(ledger, "load").run(list(range(len(ids))), ids, work, died=lambda: "died"))
+
+        process = context.Process(target=call)
+        process.start()
+        process.join()
+        if process.exitcode == 0:
+            return results.get(timeout=10), deaths
+        deaths.append(process.exitcode)
+    raise AssertionError(f"still dying after {deaths}")
+
+
+def test_a_row_is_given_up_after_two_deaths_alone_and_a_row_that_died_once_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = ["a", "poison", "b", "once", "c"]
+    monkeypatch.setenv(schema.TEST_DIE_ENV, f"load:poison,load:once:{tmp_path / 'once'}")
+    ledger = AttemptLedger.for_run(str(tmp_path / "out"), "run-1", "load")
+
+    results, deaths = guarded_until_done(ledger, ids)
+
+    assert results == {0: "ok", 1: "died", 2: "ok", 3: "ok", 4: "ok"}
+    # in the block, then twice alone (never a third time), then once alone for the row that dies once
+    assert deaths == [-signal.SIGSEGV] * 4
+    attempts.remove_all(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / schema.ATTEMPTS_FOLDER).exists()
