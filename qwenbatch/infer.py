@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from qwenbatch import schema
+from qwenbatch.attempts import AttemptLedger, Guard, die_if_told
 from qwenbatch.batching import bucket_length, bucket_rows, kv_bytes_per_token, pad_prompts_left, plan_batches
 from qwenbatch.config import GenerationConfig, ModelConfig
 from qwenbatch.cores import CoreShare, free_cores
@@ -112,6 +113,8 @@ class Generator:
         processor_device: str = "cpu",
         timing: TimingSink | None = None,
         load: ModelLoader = load_model,
+        id_column: str = schema.ID,
+        attempts: AttemptLedger | None = None,
     ) -> None:
         from qwenbatch.hub import load_processor
 
@@ -133,6 +136,8 @@ class Generator:
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else self.processor.tokenizer.pad_token_id
         self.clock = ReplicaClock.start(self.device)
         self.timing = timing
+        self.id_column = id_column
+        self.guard = Guard(attempts, "infer")  # its isolated rows run alone: the two blocks in hand die together
         self._generate_lock = threading.Lock()  # one generate at a time: the model caches rope_deltas
         self._processor_lock = threading.Lock()  # a split batch's retry prepares beside the prepare thread
         self._slots = threading.Semaphore(schema.PREFETCH_BATCHES)  # prepared batches held on the device
@@ -355,9 +360,15 @@ class Generator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [index for index, ok in enumerate(ok_mask(batch)) if ok]
+        ids = column_or_nulls(batch, self.id_column)
         self.clock.call_started(len(rows))
         try:
-            results = self._generate_rows(batch, rows)
+            results = self.guard.run(
+                rows,
+                [str(ids[i]) for i in rows],
+                lambda picked: self._generate_rows(batch, picked),
+                died=lambda: InferError(schema.WORKER_DIED_TWICE),
+            )
         finally:
             self._publish_timing()
         return self._with_results(batch, results)
@@ -379,7 +390,9 @@ class Generator:
             self._prepare_ahead(*pair)  # taken, or discarded, by generate_resilient below
             inputs.append(pair)
         results: dict[int, Output | InferError] = {}
+        ids = column_or_nulls(batch, self.id_column)
         for group, pair in zip(groups, inputs, strict=True):
+            die_if_told("infer", [str(ids[rows[g]]) for g in group])
             outputs = self.generate_resilient(*pair)
             results.update((rows[g], output) for g, output in zip(group, outputs, strict=True))
         return results

@@ -10,6 +10,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from qwenbatch import schema
+from qwenbatch.attempts import AttemptLedger, Guard, die_if_told
 from qwenbatch.config import ConfigError
 from qwenbatch.fetch import fetch
 from qwenbatch.locations import LoadError, LoadLimits, check_location, is_uri, normalise_location
@@ -17,6 +18,7 @@ from qwenbatch.rows import column_or_nulls, error_message, with_columns
 
 Image.MAX_IMAGE_PIXELS = None  # our own header check below is the bomb guard
 EXIF_ORIENTATION = 0x0112
+Loaded = tuple[bytes, int, int]  # a row's RGB pixels, width, height
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # the orientations that swap width and height
 
 
@@ -224,10 +226,21 @@ class Loader:
     into the GPU actor, and then the GPU would wait on PIL.
     """
 
-    def __init__(self, *, model: str, revision: str | None, limits: LoadLimits, image_column: str) -> None:
+    def __init__(
+        self,
+        *,
+        model: str,
+        revision: str | None,
+        limits: LoadLimits,
+        image_column: str,
+        id_column: str = schema.ID,
+        attempts: AttemptLedger | None = None,
+    ) -> None:
         self.resize = Resizer(model, revision, limits)
         self.limits = limits
         self.image_column = image_column
+        self.id_column = id_column
+        self.guard = Guard(attempts, "load")
         if limits.memory_mb is not None:
             self.resize(Image.new("RGB", (64, 64)), (32, 32))  # torch starts its threads before the cap
             limit_memory(limits.memory_mb)
@@ -238,30 +251,25 @@ class Loader:
         The encoded bytes stay here: the rows go on with their pixels, and the driver's shard writer
         never receives raw images it would only drop.
         """
-        limits, resize, image_column = self.limits, self.resize, self.image_column
-        locations = column_or_nulls(batch, image_column)
-        raw = column_or_nulls(batch, schema.IMAGE_BYTES)
+        ids = [str(row) for row in column_or_nulls(batch, self.id_column)]
+        keys = list(range(batch.num_rows))
+        loaded = self.guard.run(keys, ids, lambda picked: self._load_rows(batch, ids, picked), died=_died)
         pixels, widths, heights, tokens, statuses, errors = [], [], [], [], [], []
-        for location, data in zip(locations, raw, strict=True):
-            try:
-                if data is None and not location:
-                    raise LoadError(f"row has neither {image_column!r} nor {schema.IMAGE_BYTES!r}")
-                if data is None:
-                    data = fetch_bytes(check_location(location, limits), limits)
-                array = load_image(data, limits, resize)
-            except Exception as exc:  # noqa: BLE001 - one bad image is one row's error, never the job's
+        for index in keys:
+            result = loaded[index]
+            if isinstance(result, Exception):
                 pixels.append(None)
                 widths.append(None)
                 heights.append(None)
                 tokens.append(None)
                 statuses.append(schema.LOAD_ERROR)
-                errors.append(error_message(exc))
+                errors.append(error_message(result))
                 continue
-            height, width = array.shape[:2]
-            pixels.append(array.tobytes())
+            data, width, height = result
+            pixels.append(data)
             widths.append(width)
             heights.append(height)
-            tokens.append(width * height // (resize.factor * resize.factor))
+            tokens.append(width * height // (self.resize.factor * self.resize.factor))
             statuses.append(schema.OK)
             errors.append(None)
         if schema.IMAGE_BYTES in batch.column_names:
@@ -277,6 +285,29 @@ class Loader:
                 schema.ERROR: pa.array(errors, pa.string()),
             },
         )
+
+    def _load_rows(self, batch: pa.Table, ids: list[str], picked: list[int]) -> dict[int, Loaded | Exception]:
+        """Each picked row's pixels (as bytes: the array freed at once), or the exception that made it a load_error."""
+        locations = column_or_nulls(batch, self.image_column)
+        raw = column_or_nulls(batch, schema.IMAGE_BYTES)
+        loaded: dict[int, Loaded | Exception] = {}
+        for index in picked:
+            location, data = locations[index], raw[index]
+            try:
+                if data is None and not location:
+                    raise LoadError(f"row has neither {self.image_column!r} nor {schema.IMAGE_BYTES!r}")
+                if data is None:
+                    data = fetch_bytes(check_location(location, self.limits), self.limits)
+                die_if_told("load", [ids[index]])
+                array = load_image(data, self.limits, self.resize)
+                loaded[index] = (array.tobytes(), array.shape[1], array.shape[0])
+            except Exception as exc:  # noqa: BLE001 - one bad image is one row's error, never the job's
+                loaded[index] = exc
+        return loaded
+
+
+def _died() -> Exception:
+    return LoadError(schema.WORKER_DIED_TWICE)
 
 
 def pixels_to_array(data: bytes, width: int, height: int) -> np.ndarray:

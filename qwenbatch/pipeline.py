@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
-from qwenbatch import schema, storage
+from qwenbatch import attempts, schema, storage
+from qwenbatch.attempts import AttemptLedger
 from qwenbatch.config import ConfigError, JobConfig, config_snapshot
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
@@ -151,6 +152,8 @@ def build_stages(
                 "revision": model.revision,
                 "limits": limits,
                 "image_column": config.input.image_column,
+                "id_column": config.input.id_column,
+                "attempts": AttemptLedger.for_run(config.output.path, run_id, "load"),
             },
         ),
         # Chat templating is microseconds a row: Ray Data fuses it into the infer actors.
@@ -179,6 +182,8 @@ def build_stages(
                 "max_batch_tokens": config.run.max_batch_tokens,
                 "processor_device": config.run.processor_device,
                 "timing": TimingSink.for_run(config.output.path, run_id),
+                "id_column": config.input.id_column,
+                "attempts": AttemptLedger.for_run(config.output.path, run_id, "infer"),
             }
             | ({"load": load} if load else {}),
         ),
@@ -283,6 +288,7 @@ def _run_held(
     lease.ensure_held()
     write_summary(output, summary, success=summary["state"] == "succeeded")
     timing.remove_all()  # folded into the summary
+    attempts.remove_all(output)
     return summary
 
 

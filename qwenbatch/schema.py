@@ -131,6 +131,13 @@ RAY_START_STOP_WAIT_S = 10.0
 
 SUMMARY_FILE = "_summary.json"
 REPLICAS_FOLDER = "_replicas"  # per-run folders of per-replica busy-time files, read by status and the summary
+ATTEMPTS_FOLDER = "_attempts"  # per-run folders of the blocks and rows in flight in the load and infer actors
+# A row whose worker died this many times while it was processed alone gets this error, never another try.
+ROW_WORKER_DEATHS = 2
+WORKER_DIED_TWICE = "the worker died twice while processing this row"
+# Tests only: `<stage>:<id>[:<marker file>]`, comma-separated, makes that stage's worker die on that row
+# (with a marker file, only once). See `attempts.die_if_told`.
+TEST_DIE_ENV = "QWENBATCH_TEST_DIE_ON"
 SUCCESS_FILE = "_SUCCESS"
 TEMP_PREFIX = ".tmp-"  # atomic writes stage here; hidden from readers, removed at the start of a run
 # One writer per output: the lease a run holds while it writes, renewed this many times per timeout;

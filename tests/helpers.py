@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +17,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
 
 # tiny, wide, tall, large and ordinary
 MIXED_SIZES = [(1, 1), (12, 20), (900, 120), (120, 700), (1600, 1200), (320, 240), (240, 320), (64, 64), (500, 333)]
@@ -112,3 +118,25 @@ def qwen_bpe():
         r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
     )
     return tiktoken.Encoding("qwen", pat_str=pattern, mergeable_ranks=qwen_ranks(), special_tokens={})
+
+
+# --- real `qwenbatch run` processes ------------------------------------------------------------
+
+
+def start_run(job: Path, log: Path, ray_dir: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    environment |= {"RAY_TMPDIR": ray_dir, "PYTHONPATH": str(REPO)} | (env or {})
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "qwenbatch.cli", "run", str(job)],
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: its Ray goes with it
+        )
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -23,14 +23,13 @@ import pytest
 from qwenbatch import schema, storage
 from qwenbatch.config import StorageConfig
 from qwenbatch.lease import Holder, Lease, LeaseHeld, LeaseLost
-from tests.helpers import job_data, moto_s3, write_images, write_manifest
+from tests.helpers import job_data, moto_s3, start_run, stop_group, write_images, write_manifest
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "qwenbatch-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "qwenbatch-test")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 BUCKET = "leases"
-REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 300
 
 
@@ -121,28 +120,9 @@ def write_job(
     return job, {p.stem for p in paths}
 
 
-def start_run(job: Path, log: Path, ray_dir: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    environment |= {"RAY_TMPDIR": ray_dir, "PYTHONPATH": str(REPO)} | (env or {})
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "qwenbatch.cli", "run", str(job)],
-            env=environment,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: its Ray goes with it
-        )
-
-
 def output_ids(output: str, endpoint: str | None = None) -> list[str]:
     fs, base = storage.resolve(output, StorageConfig(endpoint_url=endpoint))
     return pads.dataset(base, filesystem=fs, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
