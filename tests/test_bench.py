@@ -40,7 +40,8 @@ def test_sim_bench_smoke(ray_local, tmp_path):
     assert [row["images"] for row in results["end_to_end"]] == [10, 4, 4]
     for row in results["end_to_end"]:
         assert row["output_tokens"] == row["images"] * 128  # the stand-in's fixed answers, full length
-        assert row["ideal_images_per_s"] > row["busy_window_images_per_s"] > 0
+        # The busy window runs from the first generate to the last: a single batch fills it exactly.
+        assert row["ideal_images_per_s"] >= row["busy_window_images_per_s"] > 0
         assert 0 < row["gpu_busy"] <= 1 and row["cpu_s_per_image"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "| run | images | seconds | ideal images/s | achieved images/s | in the busy window | gpu_busy |" in table

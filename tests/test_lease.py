@@ -174,14 +174,17 @@ def test_a_frozen_run_resumed_after_its_rerun_writes_nothing(tmp_path: Path, tin
     second = None
     try:
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        # Frozen between two shards, not inside the publication of one (a shard, then its index): the
-        # gap README admits, where a straggler may still publish the shard it had started.
+        # Frozen between two shards, not inside the publication of one (a temp file, the shard, then its
+        # index): the gap README admits, where a straggler may still publish the shard it had started.
         while True:
             assert first.poll() is None, first_log.read_text()[-3000:]
             assert time.monotonic() < deadline, first_log.read_text()[-3000:]
             if list(out.glob("part-*.parquet")):
                 os.killpg(first.pid, signal.SIGSTOP)
-                if all((out / schema.INDEX_DIR / p.name).exists() for p in out.glob("part-*.parquet")):
+                indexed = all((out / schema.INDEX_DIR / p.name).exists() for p in out.glob("part-*.parquet"))
+                temp = f"{schema.TEMP_PREFIX}*"
+                writing = [*out.glob(temp), *(out / schema.INDEX_DIR).glob(temp)]
+                if indexed and not writing:
                     break
                 os.killpg(first.pid, signal.SIGCONT)
             time.sleep(0.05)
