@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from qwenbatch import schema
 from qwenbatch.cli import main
 from qwenbatch.config import load_config
 from qwenbatch.pipeline import TASK_CPUS, VERSIONED, Placement
-from tests.helpers import encode, job_data, noise_image, read_output, write_images, write_manifest
+from tests.helpers import encode, job_data, noise_image, read_output, start_run, write_images, write_manifest
 
 KILL_TIMEOUT_S = 300
 ROWS = 96  # enough that a kill at the first shard lands mid-run (shards land a few at a time)
@@ -121,19 +119,6 @@ def wait_for_exit(marker: str, deadline: float, workers_only: bool = False) -> l
     return left
 
 
-def start_job(job: Path, ray_dir: str, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env["RAY_TMPDIR"] = ray_dir
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "qwenbatch.cli", "run", str(job)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the kill takes the job and its Ray, nothing else
-        )
-
-
 def test_small_local_ray_leaves_a_cpu_for_the_tasks(tmp_path: Path, tiny_model: Path) -> None:
     """On 2 CPUs (the Ray `qwenbatch run` starts below) the actors must not hold both: reads would wait forever."""
     config = load_config(write_job(tmp_path / "job.yaml", tiny_model, tmp_path / "m.parquet", tmp_path / "out"))
@@ -162,7 +147,7 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_m
     # Private, short Ray temp dirs (Ray's socket paths have a length limit): one per run.
     first_dir, second_dir = (tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp") for _ in range(2))
     try:
-        first = start_job(job, first_dir, log)
+        first = start_run(job, log, first_dir)
         deadline = time.monotonic() + KILL_TIMEOUT_S
         while not list(out.glob("part-*.parquet")):
             assert first.poll() is None, f"the job ended before writing a shard:\n{log.read_text()[-3000:]}"
@@ -185,7 +170,7 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_m
         stale.write_bytes(b"PAR1 half a file")  # what a writer killed mid-write leaves
         assert read_output(out).num_rows == len(done_before)  # readers skip it
 
-        second = start_job(job, second_dir, log)
+        second = start_run(job, log, second_dir)
         assert second.wait(timeout=KILL_TIMEOUT_S) == 0, log.read_text()[-3000:]
         # Nothing of the killed job outlives it for long: not even workers that were only starting.
         assert not wait_for_exit(first_dir, killed_at + 60), "the killed job left processes behind"
