@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -152,12 +152,18 @@ def write_index(fs: pafs.FileSystem, base: str, name: str, hashes: Hashes, stats
     return path
 
 
-def write_shard(fs: pafs.FileSystem, base: str, table: pa.Table, id_column: str) -> dict[str, Any]:
-    """The shard, then its index; returns its stats."""
+def write_shard(
+    fs: pafs.FileSystem,
+    base: str,
+    table: pa.Table,
+    id_column: str,
+    before_publish: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """The shard, then its index; returns its stats. `before_publish` runs just before the shard appears."""
     hashes = hash_ids(table.column(id_column)).sorted()
     name = shard_name(hashes)
     stats = shard_stats(table)
-    storage.write_parquet_atomic(fs, storage.join(base, name), table)
+    storage.write_parquet_atomic(fs, storage.join(base, name), table, before_publish)
     write_index(fs, base, name, hashes, stats)
     return stats
 

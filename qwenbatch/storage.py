@@ -12,6 +12,7 @@ import fnmatch
 import functools
 import os
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -112,14 +113,20 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def write_bytes_atomic(
+    fs: pafs.FileSystem, path: str, data: bytes, before_publish: Callable[[], None] | None = None
+) -> None:
     """A reader never sees a half-written file under its final name.
 
     Locally: a hidden temp file in the same folder, fsync, then rename over the target.
     Object stores publish an object only when its upload completes, so they write in place.
+    `before_publish` runs as late as it can (before the rename; before the upload), so a check it
+    makes (the writer's lease) still holds when the file appears; raising there publishes nothing.
     """
     parent = path.rsplit("/", 1)[0]
     if not is_local(fs):
+        if before_publish is not None:
+            before_publish()
         with fs.open_output_stream(path) as out:
             out.write(data)
         return
@@ -130,16 +137,24 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        if before_publish is not None:
+            before_publish()
         os.replace(temp, path)
     finally:
         if os.path.exists(temp):
             os.remove(temp)
 
 
-def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, **options: Any) -> None:
+def write_parquet_atomic(
+    fs: pafs.FileSystem,
+    path: str,
+    table: pa.Table,
+    before_publish: Callable[[], None] | None = None,
+    **options: Any,
+) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **({"compression": "zstd"} | options))
-    write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
+    write_bytes_atomic(fs, path, sink.getvalue().to_pybytes(), before_publish)
 
 
 def list_files(

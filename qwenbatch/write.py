@@ -140,9 +140,8 @@ class ShardWriter:
 
     def _write(self, tables: list[pa.Table]) -> None:
         table = pa.concat_tables(tables, promote_options="default")
-        if self.lease is not None:
-            self.lease.ensure_held()
-        self.stats.append(write_shard(self.filesystem, self.base, table, self.id_column))
+        renew = self.lease.ensure_held if self.lease is not None else None  # encoded first: renewed at publish
+        self.stats.append(write_shard(self.filesystem, self.base, table, self.id_column, renew))
 
 
 def write_rows(

@@ -24,6 +24,7 @@ import pytest
 from qwenbatch import ids, inputs, schema, shards, storage
 from qwenbatch.config import InputConfig, OutputConfig
 from qwenbatch.inputs import IdCheck, ManifestError, check_ids, find_todo
+from qwenbatch.lease import LeaseLost
 from qwenbatch.pipeline import run
 from qwenbatch.read import block_rows, open_manifest, read_units
 from qwenbatch.write import ShardLimits, ShardWriter, finalize_batch
@@ -159,6 +160,29 @@ def test_check_ids_keeps_its_messages() -> None:
 
 
 # --- shards and their indexes ----------------------------------------------------------------------
+
+
+def test_a_shard_is_checked_at_its_publication_and_not_before(tmp_path: Path) -> None:
+    """The writer's last lease check runs once the shard is encoded and on disk under a temp name, just
+    before the rename: a run frozen past its lease anywhere before that point publishes nothing."""
+    fs, base = storage.resolve(str(tmp_path / "out"))
+    folder = Path(base)
+    seen: list[list[str]] = []
+
+    def lost() -> None:
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        (temp,) = folder.glob(f"{schema.TEMP_PREFIX}*")
+        assert pq.read_table(temp).num_rows == 50  # the whole shard is written before the check
+        raise LeaseLost("taken over")
+
+    with pytest.raises(LeaseLost):
+        shards.write_shard(fs, base, output_rows([f"r{n}" for n in range(50)]), "id", lost)
+    assert len(seen) == 1 and all(name.startswith(schema.TEMP_PREFIX) for name in seen[0])
+    assert list(folder.iterdir()) == []  # no shard, no index, no temp file
+
+    checked: list[int] = []
+    shards.write_shard(fs, base, output_rows(["a", "b"]), "id", lambda: checked.append(1))
+    assert checked == [1] and len(shards.list_shards(fs, base)) == 1
 
 
 def test_a_shard_index_holds_what_the_shard_holds(tmp_path: Path) -> None:
