@@ -31,17 +31,13 @@ QUIET_LOGGERS = ("ray.data._internal.progress", "ray._private.authentication.aut
 def quiet_ray(verbose: bool = False) -> None:
     """Before Ray starts: no operator table, no execution banners, no weight-loading bars in the workers.
 
-    Ray Data's actor pools pass their constructor a reference to the object store, which makes Ray core
-    log, at ERROR, that such actors may fail to restart (ray-project/ray#57733); Ray Data holds that
-    reference for the whole run, so it does not apply. Only the driver logs it: its C++ log level
-    (RAY_BACKEND_LOG_LEVEL) is raised for this process alone, with `putenv`, so the GCS, the raylet
-    and the workers this process starts keep theirs. A level the user set is left alone.
+    Not silenced: Ray core's one ERROR line that an actor "has constructor arguments in the object
+    store" (Ray Data passes every actor pool's function that way, ray-project/ray#57733). Its only
+    switch, RAY_BACKEND_LOG_LEVEL=fatal, prints a line of its own and would hide Ray core's real errors.
     """
     if verbose:
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars of local workers
-    if "RAY_BACKEND_LOG_LEVEL" not in os.environ:
-        os.putenv("RAY_BACKEND_LOG_LEVEL", "fatal")  # not os.environ: child processes keep Ray's default
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -71,7 +67,6 @@ class Progress:
         self.lock = threading.RLock()
         self.total = self.done = self.ok = 0
         self.started = time.monotonic()
-        self.first: tuple[float, int] | None = None  # when the first block finished, and its rows
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -89,8 +84,6 @@ class Progress:
         with self.lock:
             self.done += batch.num_rows
             self.ok += sum(status == schema.OK for status in statuses)
-            if self.first is None:
-                self.first = (time.monotonic(), self.done)
 
     def close(self) -> None:
         self._stop.set()
@@ -108,20 +101,23 @@ class Progress:
             self.draw()
 
     def numbers(self) -> str:
-        """`24/48 rows (50%), 1.9 rows/s, ETA 0:00:13, ok 23, errors 1, 0:00:31 elapsed`."""
+        """`24/48 rows (50%), 1.90 rows/s, ETA 0:00:13, ok 23, errors 1, 0:00:12 elapsed`.
+
+        The rate is over the whole run, start-up included, as the summary's images/s; before the first
+        rows it says what the run is waiting for.
+        """
         with self.lock:
-            now = time.monotonic()
+            elapsed = time.monotonic() - self.started
             share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
             rate = eta = "-"
-            if self.first is not None and self.done > self.first[1] and now > self.first[0]:
-                per_s = (self.done - self.first[1]) / (now - self.first[0])
+            if self.done and elapsed > 0:
+                per_s = self.done / elapsed
                 rate, eta = f"{per_s:.2f}", _duration((self.total - self.done) / per_s)
-            elif self.total and self.done >= self.total:
-                eta = _duration(0)
-            return (
+            text = (
                 f"{self.done}/{self.total} rows{share}, {rate} rows/s, ETA {eta}, ok {self.ok}, "
-                f"errors {self.done - self.ok}, {_duration(now - self.started)} elapsed"
+                f"errors {self.done - self.ok}, {_duration(elapsed)} elapsed"
             )
+            return text if self.done else text + " (waiting for the first rows: the load actors and model replicas are starting)"
 
     def draw(self) -> None:
         with self.lock:

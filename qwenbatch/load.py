@@ -207,6 +207,8 @@ def load_array(array: np.ndarray, limits: LoadLimits, resize: Resizer) -> np.nda
     the RGB conversion and the resize a decoded file gets, so the model sees the same pixels."""
     if array.dtype != np.uint8:
         raise LoadError(f"image array must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[0] == 1 and array.shape[2] not in (1, 3, 4):
+        array = array[0]  # a grey HxW image in a block of colour ones: Ray Data pads it to 1xHxW
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
