@@ -8,6 +8,7 @@ the output, so real warnings still show; `--verbose` leaves Ray as it is, operat
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shlex
@@ -117,17 +118,25 @@ class Progress:
                 f"{self.done}/{self.total} rows{share}, {rate} rows/s, ETA {eta}, ok {self.ok}, "
                 f"errors {self.done - self.ok}, {_duration(elapsed)} elapsed"
             )
-            return text if self.done else text + " (waiting for the first rows: the load actors and model replicas are starting)"
+            return text if self.done else text + " (starting the load actors and model replicas)"
 
     def draw(self) -> None:
         with self.lock:
             text = self.numbers()
             if self.bar:
                 filled = BAR_WIDTH * self.done // self.total if self.total else 0
-                self.stream.write(f"\r[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}\x1b[K")
+                line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
+                self.stream.write(f"\r{line[: self._columns() - 1]}\x1b[K")
             else:
                 self.stream.write(f"progress: {text}\n")
             self.stream.flush()
+
+    def _columns(self) -> int:
+        """The terminal's width: a bar longer than a line would wrap, and each redraw add a line."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or sys.maxsize
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return sys.maxsize
 
     def clear(self) -> None:
         """Wipe the bar's line, for a log line to take it (the next draw puts the bar back below)."""
