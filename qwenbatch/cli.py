@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qwenbatch.config import ConfigError, JobConfig, StorageConfig, load_config
+from qwenbatch.console import DEFAULT_EVERY_S, ConsoleHandler, Progress, quiet_ray, report_command
 from qwenbatch.inputs import ManifestError
 from qwenbatch.lease import LeaseHeld, LeaseLost
 
@@ -20,6 +21,7 @@ DATE_HELP = "the day {date} and {date:%%Y/%%m/%%d} in input.path and output.path
 
 
 def _print_summary(output: str, summary: dict) -> None:
+    """Where the output is, its rows and top errors, and the command that draws its report."""
     run = summary.get("this_run", {})
     totals = summary.get("output", {})
     status = totals.get("status", {})
@@ -32,6 +34,7 @@ def _print_summary(output: str, summary: dict) -> None:
     )
     for item in totals.get("top_errors", [])[:5]:
         print(f"  {item['count']:>6} x {item['error']}")
+    print(f"  report: {report_command(output)}")
 
 
 def _job_config(args: argparse.Namespace) -> JobConfig:
@@ -41,13 +44,20 @@ def _job_config(args: argparse.Namespace) -> JobConfig:
     return with_date(load_config(args.config, args.overrides), parse_date(args.date))
 
 
+def _progress(args: argparse.Namespace) -> Progress:
+    """A bar in a terminal; else a line every --progress-every seconds (and with --verbose, beside Ray's table)."""
+    return Progress(every_s=args.progress_every, bar=False if args.verbose else None)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from qwenbatch.pipeline import run
 
     config = _job_config(args)
-    result = run(config, force=args.force, max_error_rate=args.max_error_rate)
+    quiet_ray(args.verbose)
+    result = run(config, force=args.force, max_error_rate=args.max_error_rate, progress=_progress(args))
     if result.skipped:
         print(f"already complete: {result.output} (pass --force to run it again)")
+        print(f"  report: {report_command(result.output)}")
         return 0
     _print_summary(result.output, result.summary)
     return 0 if result.succeeded else 1
@@ -58,10 +68,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from qwenbatch.pipeline import run
 
     folder = prepare(args.dir or tempfile.mkdtemp(prefix="qwenbatch-demo-"), count=args.images)
-    print(f"demo folder: {folder} (tiny random-weight model: its text is noise, the pipeline is real)")
+    print(f"demo folder: {folder} (tiny random-weight model: its text is noise, the pipeline is real)", flush=True)
+    quiet_ray(args.verbose)
     code = 0
     for task in ("caption", "vqa"):
-        result = run(demo_config(folder, task), force=True)
+        result = run(demo_config(folder, task), force=True, progress=_progress(args))
         _print_summary(result.output, result.summary)
         code = code or (0 if result.succeeded else 1)
     return code
@@ -139,6 +150,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--verbose", action="store_true", help="Ray as it is: its operator table, execution logs and loading bars"
+    )
+    command.add_argument(
+        "--progress-every",
+        type=float,
+        default=DEFAULT_EVERY_S,
+        metavar="SECONDS",
+        help="without a terminal: a progress line this often (in a terminal: one bar)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="qwenbatch", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -151,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
         "--max-error-rate", type=float, default=None, help="exit non-zero when more than this share of rows failed"
     )
     run.add_argument("--date", help=DATE_HELP)
+    _console_options(run)
     run.set_defaults(func=cmd_run)
 
     show = sub.add_parser("config", help="print the validated config with every default filled in")
@@ -176,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a tiny model and sample images, run caption and vqa locally")
     demo.add_argument("--dir", help="folder for the model, images and output (default: a new temporary folder)")
     demo.add_argument("--images", type=int, default=48)
+    _console_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="qwenbatch against the plain transformers loop on the same images")
@@ -220,7 +246,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -205,13 +206,13 @@ class RunConfig(_Section):
         return value
 
 
-class JobConfig(_Section):
+class ProcessConfig(_Section):
+    """What the stages need: `qwenbatch.process` takes this; a job adds where rows come from and go."""
+
     model: ModelConfig
     task: TaskConfig = TaskConfig()
     generation: GenerationConfig = GenerationConfig()
     image: ImageConfig = ImageConfig()
-    input: InputConfig
-    output: OutputConfig
     run: RunConfig = RunConfig()
     storage: StorageConfig = StorageConfig()
 
@@ -221,10 +222,15 @@ class JobConfig(_Section):
         return schema.DOCUMENT_MAX_PIXELS if self.task.kind == "document" else schema.DEFAULT_MAX_PIXELS
 
     @model_validator(mode="after")
-    def _budget_order(self) -> JobConfig:
+    def _budget_order(self) -> ProcessConfig:
         if self.image.min_pixels > self.max_pixels():
             raise ValueError("image.min_pixels must not exceed image.max_pixels")
         return self
+
+
+class JobConfig(ProcessConfig):
+    input: InputConfig
+    output: OutputConfig
 
 
 def _one_line(error: ValidationError) -> str:
@@ -269,29 +275,49 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as data; a ConfigError with a one-line message if it cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Read, override and validate; every failure is a ConfigError with a one-line message."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "syntax error"
-            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+    data = read_config(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path or 'config'}: {_one_line(exc)}") from None
+
+
+def load_process_config(source: ProcessConfig | Mapping[str, Any] | str | Path) -> ProcessConfig:
+    """The stages' config from a config object, a dict or a YAML path. A job's `input` and `output`
+    sections are dropped: `process` reads and writes nothing of its own."""
+    if isinstance(source, ProcessConfig):
+        data = source.model_dump(exclude={"input", "output"})
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data = read_config(source)
+    data = {key: value for key, value in data.items() if key not in ("input", "output")}
+    try:
+        return ProcessConfig.model_validate(data)
+    except ValidationError as exc:
+        where = source if isinstance(source, str | Path) else "config"
+        raise ConfigError(f"{where}: {_one_line(exc)}") from None
 
 
 def config_snapshot(config: JobConfig) -> dict[str, Any]:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from qwenbatch.config import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -13,6 +18,55 @@ if TYPE_CHECKING:
 
 # Checkpoint code never runs and pickled weights are refused: safetensors only.
 SAFE_LOAD = {"trust_remote_code": False, "use_safetensors": True}
+HUB_PROBE_TIMEOUT_S = 5.0  # connecting to the hub once, on the driver, before Ray starts
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def require_model(config: ModelConfig) -> None:
+    """Fail in one line, on the driver and before Ray starts, when no replica could get the checkpoint.
+
+    A local folder must exist. A hub id must be in the local Hugging Face cache, or the hub must be
+    reachable for the replicas to download it: otherwise every replica would fail later, each with a
+    long traceback after Ray started. The cache is the one HF_HOME (or HF_HUB_CACHE) names.
+    """
+    name = config.name
+    if os.path.isdir(name):
+        return
+    if name.startswith(("/", "./", "../", "~")):
+        raise ConfigError(f"model: no checkpoint folder at {name}")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=config.revision)
+    except HFValidationError:
+        raise ConfigError(f"model: {name!r} is neither a local checkpoint folder nor a hub id") from None
+    if isinstance(cached, str):
+        return
+    where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE}, from HF_HOME)"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"model: {name} is not in {where} and HF_HUB_OFFLINE forbids downloading it: download it into that "
+            "cache on a machine with network, point HF_HOME at a cache that holds it, or give a local folder"
+        )
+    if not _hub_reachable(constants.ENDPOINT):
+        raise ConfigError(
+            f"model: {name} is not in {where} and {constants.ENDPOINT} cannot be reached to download it: point "
+            "HF_HOME at a cache that holds it or give a local folder (HF_HUB_OFFLINE=1 never tries the network)"
+        )
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """Whether a connection to the hub opens; behind a proxy the proxy decides, so it is not probed."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=4)

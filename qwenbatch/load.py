@@ -202,6 +202,49 @@ def _decode_and_resize(image: Image.Image, limits: LoadLimits, resize: Resizer) 
     return resize(to_rgb(image), target)
 
 
+def load_array(array: np.ndarray, limits: LoadLimits, resize: Resizer) -> np.ndarray:
+    """An image already decoded (what Ray Data's `read_images` yields): no decoding, but the pixel guard,
+    the RGB conversion and the resize a decoded file gets, so the model sees the same pixels."""
+    if array.dtype != np.uint8:
+        raise LoadError(f"image array must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[0] == 1 and array.shape[2] not in (1, 3, 4):
+        array = array[0]  # a grey HxW image in a block of colour ones: Ray Data pads it to 1xHxW
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise LoadError(f"image array must be HxW, HxWx3 or HxWx4 pixels, got shape {array.shape}")
+    height, width = array.shape[:2]
+    if width * height > limits.max_source_pixels:
+        raise LoadError(
+            f"image array is {width}x{height} = {width * height} pixels, "
+            f"over the limit of {limits.max_source_pixels} (decompression bomb guard)"
+        )
+    target = resize.target(width, height)
+    return resize(to_rgb(Image.fromarray(np.ascontiguousarray(array))), target)
+
+
+def image_values(batch: pa.Table, column: str) -> list[object]:
+    """The image column's values: locations, encoded bytes, or decoded arrays (Ray Data's tensor columns)."""
+    if column not in batch.column_names:
+        return [None] * batch.num_rows
+    values = batch.column(column)
+    if not isinstance(values.type, pa.ExtensionType):
+        return values.to_pylist()
+    arrays: list[object] = []
+    for chunk in values.chunks:  # Ray's fixed- and variable-shape tensor arrays, and pyarrow's own
+        to_numpy = getattr(chunk, "to_numpy_ndarray", None) or (lambda c=chunk: c.to_numpy(zero_copy_only=False))
+        arrays.extend(to_numpy())
+    return arrays
+
+
+def holds_pixels_or_bytes(batch: pa.Table, column: str) -> bool:
+    """Whether a column holds images themselves (bytes or arrays), which the output does not carry."""
+    if column not in batch.column_names:
+        return False
+    kind = batch.schema.field(column).type
+    return isinstance(kind, pa.ExtensionType) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
 def limit_memory(extra_mb: int) -> None:
     """Cap this process's private memory at what it holds now plus `extra_mb`.
 
@@ -272,8 +315,8 @@ class Loader:
             tokens.append(width * height // (self.resize.factor * self.resize.factor))
             statuses.append(schema.OK)
             errors.append(None)
-        if schema.IMAGE_BYTES in batch.column_names:
-            batch = batch.drop_columns([schema.IMAGE_BYTES])
+        raw = [c for c in (schema.IMAGE_BYTES, self.image_column) if holds_pixels_or_bytes(batch, c)]
+        batch = batch.drop_columns(raw)
         return with_columns(
             batch,
             {
@@ -288,18 +331,23 @@ class Loader:
 
     def _load_rows(self, batch: pa.Table, ids: list[str], picked: list[int]) -> dict[int, Loaded | Exception]:
         """Each picked row's pixels (as bytes: the array freed at once), or the exception that made it a load_error."""
-        locations = column_or_nulls(batch, self.image_column)
+        images = image_values(batch, self.image_column)
         raw = column_or_nulls(batch, schema.IMAGE_BYTES)
         loaded: dict[int, Loaded | Exception] = {}
         for index in picked:
-            location, data = locations[index], raw[index]
+            image, data = images[index], raw[index]
             try:
-                if data is None and not location:
+                if isinstance(image, bytes):  # encoded bytes in the image column itself
+                    image, data = None, image
+                if data is None and isinstance(image, str) and image:
+                    data = fetch_bytes(check_location(image, self.limits), self.limits)
+                if data is None and not isinstance(image, np.ndarray):
                     raise LoadError(f"row has neither {self.image_column!r} nor {schema.IMAGE_BYTES!r}")
-                if data is None:
-                    data = fetch_bytes(check_location(location, self.limits), self.limits)
                 die_if_told("load", [ids[index]])
-                array = load_image(data, self.limits, self.resize)
+                if data is None:
+                    array = load_array(image, self.limits, self.resize)
+                else:
+                    array = load_image(data, self.limits, self.resize)
                 loaded[index] = (array.tobytes(), array.shape[1], array.shape[0])
             except Exception as exc:  # noqa: BLE001 - one bad image is one row's error, never the job's
                 loaded[index] = exc

@@ -1,6 +1,7 @@
 """The job: read what is left -> load -> prompt -> infer -> write, as one Ray Data pipeline.
 
-The CLI, the Ray job entrypoints, the demo and the benchmark all call `run`.
+The CLI, the Ray job entrypoints, the demo and the benchmark all call `run`; `run` and
+`qwenbatch.process` (a user's own Dataset) apply the same stages, `apply_stages`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwenbatch import attempts, schema, storage
 from qwenbatch.attempts import AttemptLedger
-from qwenbatch.config import ConfigError, JobConfig, config_snapshot
+from qwenbatch.config import ConfigError, JobConfig, ProcessConfig, config_snapshot
+from qwenbatch.hub import require_model
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
 from qwenbatch.lease import Lease
@@ -36,6 +38,9 @@ from qwenbatch.write import (
     write_rows,
     write_summary,
 )
+
+if TYPE_CHECKING:
+    from qwenbatch.console import Progress
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ class Placement:
     cpu_threads: int = 1  # most torch threads of a replica on CPU: Ray's one reserved CPU would leave the rest idle
 
     @classmethod
-    def for_cluster(cls, config: JobConfig, cluster_gpus: float, cluster_cpus: float = 1) -> Placement:
+    def for_cluster(cls, config: ProcessConfig, cluster_gpus: float, cluster_cpus: float = 1) -> Placement:
         """GPU replicas when the cluster has the GPUs; load actors on the CPUs the replicas leave free."""
         wanted = config.run.device
         replicas = config.run.replicas if isinstance(config.run.replicas, int) else config.run.replicas[1]
@@ -110,12 +115,29 @@ class Placement:
         return cls(device="cuda", gpus_per_replica=gpus, cpu_workers=cpu_workers, loader_cpus=loader_cpus)
 
 
-def limits_for(config: JobConfig) -> LoadLimits:
+@dataclass(frozen=True)
+class Rows:
+    """What the stages know of the rows besides the config: their columns, and where a run keeps its records."""
+
+    id_column: str = schema.ID
+    image_column: str = schema.IMAGE
+    records: str | None = None  # a run's output: its attempt ledger and replica timing live there; None: not kept
+
+    @classmethod
+    def of(cls, config: ProcessConfig) -> Rows:
+        if isinstance(config, JobConfig):
+            return cls(config.input.id_column, config.input.image_column, config.output.path)
+        return cls()
+
+
+def limits_for(config: ProcessConfig) -> LoadLimits:
+    """The load stage's limits; by default a job's rows may point below its manifests' folders, others nowhere."""
     image = config.image
+    manifests = config.input.paths() if isinstance(config, JobConfig) else []
     return LoadLimits(
         min_pixels=image.min_pixels,
         max_pixels=config.max_pixels(),
-        allowed_prefixes=allowed_roots(image.allowed_prefixes, config.input.paths()),
+        allowed_prefixes=allowed_roots(image.allowed_prefixes, manifests),
         max_bytes=image.max_bytes,
         max_source_pixels=image.max_source_pixels,
         formats=image.formats,
@@ -131,15 +153,18 @@ def limits_for(config: JobConfig) -> LoadLimits:
 
 
 def build_stages(
-    config: JobConfig,
+    config: ProcessConfig,
     placement: Placement,
     run_id: str,
     rows_per_block: int = schema.MIN_BLOCK_ROWS,
     load: ModelLoader | None = None,
+    rows: Rows | None = None,
 ) -> list[Stage]:
     """The job's operators; `load` replaces how a replica gets its model (the benchmark's simulated GPU)."""
     model = config.model
     limits = limits_for(config)
+    rows = rows or Rows.of(config)
+    timing = TimingSink.for_run(rows.records, run_id) if rows.records else None
     return [
         Stage(
             "load",
@@ -151,9 +176,9 @@ def build_stages(
                 "model": model.name,
                 "revision": model.revision,
                 "limits": limits,
-                "image_column": config.input.image_column,
-                "id_column": config.input.id_column,
-                "attempts": AttemptLedger.for_run(config.output.path, run_id, "load"),
+                "image_column": rows.image_column,
+                "id_column": rows.id_column,
+                "attempts": _ledger(rows, run_id, "load"),
             },
         ),
         # Chat templating is microseconds a row: Ray Data fuses it into the infer actors.
@@ -181,13 +206,46 @@ def build_stages(
                 "batch_size": config.run.batch_size,
                 "max_batch_tokens": config.run.max_batch_tokens,
                 "processor_device": config.run.processor_device,
-                "timing": TimingSink.for_run(config.output.path, run_id),
-                "id_column": config.input.id_column,
-                "attempts": AttemptLedger.for_run(config.output.path, run_id, "infer"),
+                "timing": timing,
+                "id_column": rows.id_column,
+                "attempts": _ledger(rows, run_id, "infer"),
             }
             | ({"load": load} if load else {}),
         ),
     ]
+
+
+def _ledger(rows: Rows, run_id: str, stage: str) -> AttemptLedger | None:
+    return AttemptLedger.for_run(rows.records, run_id, stage) if rows.records else None
+
+
+def apply_stages(dataset: Any, config: ProcessConfig, plan: Plan, rows: Rows | None = None) -> Any:
+    """Load, prompt and infer over a Ray dataset, lazily: one row out per row in, each with its status."""
+    for stage in build_stages(config, plan.placement, plan.run_id, plan.rows_per_block, plan.load, rows):
+        dataset = stage.apply(dataset)
+    return dataset
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How this run's stages are laid out on the cluster it found."""
+
+    run_id: str
+    placement: Placement
+    rows_per_block: int
+    load: ModelLoader | None = None
+
+    @classmethod
+    def for_cluster(cls, config: ProcessConfig, run_id: str, rows: int = 0, load: ModelLoader | None = None) -> Plan:
+        """Placement from the cluster's resources (Ray must be up); blocks sized for `rows` (0: unknown, the least)."""
+        import ray
+
+        resources = ray.cluster_resources()
+        placement = Placement.for_cluster(config, resources.get("GPU", 0), resources.get("CPU", 1))
+        replicas = config.run.replicas if isinstance(config.run.replicas, int) else config.run.replicas[1]
+        window = config.run.batch_size * schema.SORT_WINDOW_BATCHES
+        rows_per_block = block_rows(rows, max(placement.cpu_workers, replicas), config.max_pixels(), window)
+        return cls(run_id, placement, rows_per_block, load)
 
 
 def new_run_id() -> str:
@@ -223,11 +281,17 @@ def ensure_ray() -> None:
 
 
 def run(
-    config: JobConfig, *, force: bool = False, max_error_rate: float | None = None, load: ModelLoader | None = None
+    config: JobConfig,
+    *,
+    force: bool = False,
+    max_error_rate: float | None = None,
+    load: ModelLoader | None = None,
+    progress: Progress | None = None,
 ) -> RunResult:
     """Run the job to completion over whatever the output does not hold yet.
 
     `load` replaces `hub.load_model` in the replicas; only the benchmark's simulated GPU passes one.
+    `progress` is told the rows to do and each finished block (the command line's progress bar).
     """
     output = config.output.path
     storage.configure(config.storage)  # this process resolves manifest and output URIs with it
@@ -235,10 +299,11 @@ def run(
         log.warning("%s is already complete (_SUCCESS); skipping. Pass --force to run it again.", output)
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
 
+    require_model(config.model)  # a checkpoint no replica could get: one line now, before Ray starts
     manifest = open_manifest(config.input)  # job-level errors surface here, before Ray starts
     run_id = new_run_id()
     with Lease.acquire(output, run_id, config.run.lease_timeout_s) as lease:  # before anything is written
-        summary = _run_held(config, manifest, run_id, lease, max_error_rate, load)
+        summary = _run_held(config, manifest, run_id, lease, max_error_rate, load, progress)
     return RunResult(output=output, summary=summary)
 
 
@@ -249,6 +314,7 @@ def _run_held(
     lease: Lease,
     max_error_rate: float | None,
     load: ModelLoader | None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """The run proper, while it holds the output's lease; its summary."""
     output = config.output.path
@@ -268,18 +334,16 @@ def _run_held(
     if todo.rows:
         withdraw_success(output)  # a forced run over a grown manifest: not complete until it says so
         ensure_ray()
-        import ray
-
-        resources = ray.cluster_resources()
-        placement = Placement.for_cluster(config, resources.get("GPU", 0), resources.get("CPU", 1))
-        replicas = config.run.replicas if isinstance(config.run.replicas, int) else config.run.replicas[1]
-        window = config.run.batch_size * schema.SORT_WINDOW_BATCHES
-        rows_per_block = block_rows(todo.rows, max(placement.cpu_workers, replicas), config.max_pixels(), window)
-        dataset = read_manifest(manifest, config.input, todo, rows_per_block)
-        for stage in build_stages(config, placement, run_id, rows_per_block, load):
-            dataset = stage.apply(dataset)
+        plan = Plan.for_cluster(config, run_id, todo.rows, load)
+        dataset = apply_stages(read_manifest(manifest, config.input, todo, plan.rows_per_block), config, plan)
         provenance = {"model": config.model.name, "task": config.task.kind, "run_id": run_id}
-        written = write_rows(dataset, config.output, config.input.id_column, lease, **provenance)
+        if progress is not None:
+            progress.start(todo.rows)
+        try:  # the shard writer finalizes the rows as `process` does, on the driver: no operator more
+            written = write_rows(dataset, config.output, config.input.id_column, lease, progress, **provenance)
+        finally:
+            if progress is not None:
+                progress.close()
 
     elapsed = time.time() - started
     timing = TimingSink.for_run(output, run_id)

@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -144,16 +144,30 @@ class ShardWriter:
         self.stats.append(write_shard(self.filesystem, self.base, table, self.id_column, renew))
 
 
+class BlockCounter(Protocol):
+    def add(self, batch: pa.Table) -> None: ...
+
+
 def write_rows(
-    dataset: Any, output: OutputConfig, id_column: str, lease: Lease | None = None, **provenance: str
+    dataset: Any,
+    output: OutputConfig,
+    id_column: str,
+    lease: Lease | None = None,
+    counter: BlockCounter | None = None,
+    **provenance: str,
 ) -> dict[str, Any]:
-    """Every row of the dataset into shards; this run's totals. No dataset: nothing to write, zero totals."""
+    """Every row of the dataset into shards, each block shown to `counter` too; this run's totals.
+
+    No dataset: nothing to write, zero totals.
+    """
     if dataset is None:
         return merge_stats([])
     writer = ShardWriter(output.path, id_column, ShardLimits.of(output), lease, **provenance)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.put(batch)
+            if counter is not None:
+                counter.add(batch)
     except BaseException:
         writer.close()  # the rows that finished are kept
         raise
