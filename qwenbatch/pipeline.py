@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import Any
 
 from qwenbatch import attempts, schema, storage
+from qwenbatch.answers import Answers
 from qwenbatch.attempts import AttemptLedger
 from qwenbatch.config import ConfigError, JobConfig, config_snapshot
 from qwenbatch.infer import Generator, ModelLoader
@@ -127,6 +128,8 @@ def limits_for(config: JobConfig) -> LoadLimits:
         storage=storage.with_environment(config.storage),
         jpeg_draft=image.jpeg_draft,
         memory_mb=config.run.load_memory_mb,
+        max_total_pixels=image.max_total_pixels,
+        pdf=config.pdf,
     )
 
 
@@ -152,6 +155,7 @@ def build_stages(
                 "revision": model.revision,
                 "limits": limits,
                 "image_column": config.input.image_column,
+                "images_column": config.input.images_column,
                 "id_column": config.input.id_column,
                 "attempts": AttemptLedger.for_run(config.output.path, run_id, "load"),
             },
@@ -279,7 +283,8 @@ def _run_held(
         for stage in build_stages(config, placement, run_id, rows_per_block, load):
             dataset = stage.apply(dataset)
         provenance = {"model": config.model.name, "task": config.task.kind, "run_id": run_id}
-        written = write_rows(dataset, config.output, config.input.id_column, lease, **provenance)
+        answers = Answers.of(config.task)
+        written = write_rows(dataset, config.output, config.input.id_column, lease, answers, **provenance)
 
     elapsed = time.time() - started
     timing = TimingSink.for_run(output, run_id)
@@ -305,7 +310,7 @@ def build_summary(
     totals = summarize_output(config.output.path)
     errors = totals["rows"] - totals["status"].get(schema.OK, 0)
     error_rate = errors / totals["rows"] if totals["rows"] else 0.0
-    complete = written["rows"] == todo and totals["rows"] >= manifest.rows
+    complete = written["inputs"] == todo and totals["inputs"] >= manifest.rows  # a PDF: one input, many rows
     if not complete:
         state = "partial"
     elif max_error_rate is not None and error_rate > max_error_rate:
@@ -321,6 +326,7 @@ def build_summary(
         "skipped_done": manifest.rows - todo,
         "this_run": {
             "rows": written["rows"],
+            "inputs": written["inputs"],
             "status": written["status"],
             "input_tokens": written["input_tokens"],
             "output_tokens": written["output_tokens"],
