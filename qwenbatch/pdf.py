@@ -75,10 +75,8 @@ def chosen_pages(count: int, config: PdfConfig) -> tuple[list[int], list[int]]:
 
 
 def over_max_pages(left: list[int], count: int, max_pages: int) -> str:
-    return (
-        f"{len(left)} more pages ({_listed(left)}) of this {count}-page PDF not processed: "
-        f"over pdf.max_pages ({max_pages})"
-    )
+    pages = f"{len(left)} more page{'s' if len(left) > 1 else ''} ({_listed(left)})"
+    return f"{pages} of this {count}-page PDF not processed: over pdf.max_pages ({max_pages})"
 
 
 def _listed(numbers: list[int]) -> str:

@@ -96,8 +96,8 @@ def encrypted_pdf(user: bytes = PASSWORD, owner: bytes = b"owner") -> bytes:
         b"/Resources << /Font << /F1 5 0 R >> >> >>",
         b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-        b"<< /Filter /Standard /V 1 /R 2 /O <%s> /U <%s> /P %d >>" % (o_value.hex().encode(), u_value.hex().encode(),
-                                                                      permissions),  # fmt: skip
+        b"<< /Filter /Standard /V 1 /R 2 /O <%s> /U <%s> /P %d >>"
+        % (o_value.hex().encode(), u_value.hex().encode(), permissions),  # fmt: skip
     ]
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
