@@ -58,7 +58,8 @@ class TaskConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _custom_needs_template(self) -> TaskConfig:
+    def _consistent(self) -> TaskConfig:
+        """custom needs its template; a schema needs JSON output."""
         if self.kind == "custom" and not self.prompt:
             raise ValueError("task.kind 'custom' needs task.prompt, a template such as 'Is there a {object}?'")
         if self.json_schema is not None and self.output != "json":

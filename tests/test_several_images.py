@@ -96,3 +96,22 @@ def test_several_images_in_one_prompt(tmp_path: Path, tiny_model: Path, ray_loca
         pages = [render_page(pdf, number, budget, 100_000_000) for number in (1, 2, 3)]
     assert got["document"]["text"] == reference(pages, instruction, budget)
     assert got["plain"]["text"] == reference([opened_images[str(paths[2])]], instruction, MAX_PIXELS)
+
+
+def test_images_given_as_bytes(tmp_path: Path, tiny_model: Path) -> None:
+    """Encoded images in the list, as a manifest of binaries carries them; a PDF among them is refused by name."""
+    import pyarrow as pa
+
+    from qwenbatch.load import Loader
+    from qwenbatch.pipeline import limits_for
+
+    config = job_config(tiny_model, tmp_path / "m.parquet", tmp_path / "out", image={"max_total_pixels": TOTAL})
+    loader = Loader(model=str(tiny_model), revision=None, limits=limits_for(config), image_column="image")
+    pictures = [encode(noise_image(300, 200, 1), "PNG"), encode(noise_image(64, 64, 2), "JPEG")]
+    batch = pa.table({"id": ["both", "with-pdf"], "images": [pictures, [pictures[0], make_pdf([(100, 100)])]]})
+    rows = loader(batch).select(["id", schema.STATUS, schema.ERROR, schema.SIZES, schema.IMAGE_TOKENS]).to_pylist()
+    assert rows[0][schema.STATUS] == schema.OK and len(rows[0][schema.SIZES]) == 4
+    sizes = rows[0][schema.SIZES]
+    assert rows[0][schema.IMAGE_TOKENS] == (sizes[0] * sizes[1] + sizes[2] * sizes[3]) // 1024
+    assert all(w * h <= TOTAL // 2 for w, h in zip(sizes[0::2], sizes[1::2], strict=True))
+    assert rows[1][schema.ERROR] == "image 2 of 2: it is a PDF: give a PDF in the image column, one per row"
