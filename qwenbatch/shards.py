@@ -89,8 +89,14 @@ def _counts(values: pa.Array | pa.ChunkedArray, keep: int | None = None) -> dict
     return {str(value): count for value, count in ranked}
 
 
-def shard_stats(table: pa.Table) -> dict[str, Any]:
-    """What summaries, `status` and `report` need of a shard, as JSON-ready counts."""
+def shard_stats(table: pa.Table, id_column: str = schema.ID, inputs: int | None = None) -> dict[str, Any]:
+    """What summaries, `status` and `report` need of a shard, as JSON-ready counts.
+
+    `inputs`: the manifest rows the shard finishes (a PDF's pages finish one), when the caller has counted
+    them (`documents.resume_keys`); else counted here.
+    """
+    if inputs is None:
+        inputs = resume_keys(table, id_column)[1] if id_column in table.column_names else table.num_rows
     status = pc.fill_null(_column(table, schema.STATUS, pa.string()), NO_STATUS)
     error = _column(table, schema.ERROR, pa.string())
     failed = pc.not_equal(status, schema.OK)
@@ -102,6 +108,7 @@ def shard_stats(table: pa.Table) -> dict[str, Any]:
     )
     return {
         "rows": table.num_rows,
+        "inputs": inputs,
         "status": _counts(status),
         "input_tokens": pc.sum(_column(table, schema.INPUT_TOKENS, pa.int64())).as_py() or 0,
         "output_tokens": pc.sum(_column(table, schema.OUTPUT_TOKENS, pa.int64())).as_py() or 0,
@@ -159,7 +166,7 @@ def write_index(fs: pafs.FileSystem, base: str, name: str, hashes: Hashes, stats
 def keyed(table: pa.Table, id_column: str) -> tuple[Hashes, dict[str, Any]]:
     """What a shard's index holds: the hashes resume matches (`documents.resume_keys`), and its stats."""
     keys, inputs = resume_keys(table, id_column)
-    return hash_ids(keys).sorted(), shard_stats(table) | {"inputs": inputs}
+    return hash_ids(keys).sorted(), shard_stats(table, id_column, inputs)
 
 
 def write_shard(fs: pafs.FileSystem, base: str, table: pa.Table, id_column: str) -> dict[str, Any]:
