@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenbatch import schema
+from qwenbatch.answers import Answers
 from qwenbatch.config import ProcessConfig, load_process_config
 from qwenbatch.hub import require_model
 from qwenbatch.pipeline import Plan, Rows, Stage, apply_stages, ensure_ray, new_run_id
@@ -43,5 +44,6 @@ def process(
     run_id = run_id or new_run_id()
     plan = Plan.for_cluster(settings, run_id)
     dataset = apply_stages(dataset, settings, plan, Rows(image_column=image_column))
-    provenance = {"model": settings.model.name, "task": settings.task.kind, "run_id": run_id}
-    return Stage("finalize", finalize_batch, batch_size=None, kwargs=provenance).apply(dataset)
+    finalize = {"model": settings.model.name, "task": settings.task.kind, "run_id": run_id}
+    finalize |= {"answers": Answers.of(settings.task)}  # `task.output: json`: parsed into the json column
+    return Stage("finalize", finalize_batch, batch_size=None, kwargs=finalize).apply(dataset)

@@ -71,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo folder: {folder} (tiny random-weight model: its text is noise, the pipeline is real)", flush=True)
     quiet_ray(args.verbose)
     code = 0
-    for task in ("caption", "vqa"):
+    for task in ("caption", "vqa", "document"):
         result = run(demo_config(folder, task), force=True, progress=_progress(args))
         _print_summary(result.output, result.summary)
         code = code or (0 if result.succeeded else 1)
@@ -198,7 +198,9 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     report.set_defaults(func=cmd_report)
 
-    demo = sub.add_parser("demo", help="build a tiny model and sample images, run caption and vqa locally")
+    demo = sub.add_parser(
+        "demo", help="build a tiny model, sample images and PDFs, run caption, vqa and document locally"
+    )
     demo.add_argument("--dir", help="folder for the model, images and output (default: a new temporary folder)")
     demo.add_argument("--images", type=int, default=48)
     _console_options(demo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -50,12 +51,46 @@ class TaskConfig(_Section):
     system: str | None = None
     question_column: str = schema.QUESTION
     prompt_column: str = schema.PROMPT
+    output: Literal["text", "json"] = Field(
+        default="text", description="json: the answer is also parsed, validated and written to the `json` column"
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="output json: a JSON Schema the answer must match, inline or a .json file's path"
+    )
 
     @model_validator(mode="after")
-    def _custom_needs_template(self) -> TaskConfig:
+    def _consistent(self) -> TaskConfig:
+        """custom needs its template; a schema needs JSON output."""
         if self.kind == "custom" and not self.prompt:
             raise ValueError("task.kind 'custom' needs task.prompt, a template such as 'Is there a {object}?'")
+        if self.json_schema is not None and self.output != "json":
+            raise ValueError("task.json_schema needs task.output 'json'")
         return self
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_from_file(cls, value: Any) -> Any:
+        """A path is read here, once, on the driver: the validated config (and the run summary) holds the schema."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(Path(value).read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read the schema file {value}: {exc.strerror or exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the schema file {value} is not JSON: {exc}") from None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from jsonschema import SchemaError, validators
+
+            try:
+                validators.validator_for(value).check_schema(value)
+            except SchemaError as exc:
+                raise ValueError(f"not a valid JSON Schema: {exc.message}") from None
+        return value
 
     def instruction(self) -> str | None:
         return self.prompt if self.prompt is not None else schema.DEFAULT_PROMPTS.get(self.kind)
@@ -100,6 +135,12 @@ class ImageConfig(_Section):
         default=None,
         description="paths or URI prefixes rows may point to; null: the folders the manifests live in, and below",
     )
+    max_total_pixels: int = Field(
+        default=schema.DEFAULT_MAX_TOTAL_PIXELS,
+        ge=schema.PIXELS_PER_TOKEN,
+        description="a row of several images (the images column, a PDF per_document): their pixels together; "
+        "each image's budget is min(max_pixels, max_total_pixels / images)",
+    )
     jpeg_draft: bool = Field(
         default=False,
         description="decode large JPEGs at reduced size (DCT scaling) when the target is at most half: "
@@ -116,6 +157,7 @@ class InputConfig(_Section):
     path: str | list[str] = Field(description="Parquet manifest: a file, a folder, a glob, or a list of them")
     id_column: str = schema.ID
     image_column: str = schema.IMAGE
+    images_column: str = Field(default=schema.IMAGES, description="a list of images per row: one prompt over all")
     format: Literal["parquet", "webdataset", "hf"] = Field(
         default="parquet", description="parquet manifests, WebDataset tars, or a Hugging Face dataset"
     )
@@ -138,6 +180,29 @@ class OutputConfig(_Section):
         le=86_400,
         description="... or when its first row has waited this long (the first shard of a run: 30 s at most)",
     )
+
+
+class PdfConfig(_Section):
+    """PDFs in the image column: which pages, how many at most, and a row per page or per document."""
+
+    pages: Literal["all", "first"] | list[int] = Field(default="all", description="all, first, or page numbers")
+    max_pages: int = Field(
+        default=schema.DEFAULT_PDF_MAX_PAGES,
+        ge=1,
+        description="per_page: pages past this are one error row; per_document: a longer document is an error row",
+    )
+    mode: Literal["per_page", "per_document"] = Field(
+        default="per_page", description="a row per page, or one prompt over all of a document's pages"
+    )
+
+    @field_validator("pages")
+    @classmethod
+    def _page_numbers(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value or any(number < 1 for number in value):
+                raise ValueError("page numbers are 1-based and the list must not be empty")
+            return sorted(set(value))
+        return value
 
 
 class StorageConfig(_Section):
@@ -215,6 +280,7 @@ class ProcessConfig(_Section):
     image: ImageConfig = ImageConfig()
     run: RunConfig = RunConfig()
     storage: StorageConfig = StorageConfig()
+    pdf: PdfConfig = PdfConfig()
 
     def max_pixels(self) -> int:
         if self.image.max_pixels is not None:

@@ -29,7 +29,7 @@ from qwenbatch.batching import bucket_length, bucket_rows, kv_bytes_per_token, p
 from qwenbatch.config import GenerationConfig, ModelConfig
 from qwenbatch.cores import CoreShare, free_cores
 from qwenbatch.hub import load_model
-from qwenbatch.load import pixels_to_array
+from qwenbatch.loaded import flat_images, row_images
 from qwenbatch.rows import RowError, column_or_nulls, error_message, ok_mask, with_columns
 from qwenbatch.timing import ReplicaClock, TimingSink
 
@@ -214,7 +214,7 @@ class Generator:
             with self._processor_lock:  # a fast tokenizer is not safe to call from two threads at once
                 inputs = self.processor(
                     text=chats,
-                    images=images,
+                    images=flat_images(images),  # a row of several images gives them in its prompt's order
                     return_tensors="pt",
                     padding=True,
                     size=self.size,
@@ -374,19 +374,18 @@ class Generator:
         return self._with_results(batch, results)
 
     def _generate_rows(self, batch: pa.Table, rows: list[int]) -> dict[int, Output | InferError]:
-        import torch
-
         chats = column_or_nulls(batch, schema.CHAT)
         pixels = column_or_nulls(batch, schema.PIXELS)
         widths = column_or_nulls(batch, schema.WIDTH)
         heights = column_or_nulls(batch, schema.HEIGHT)
         tokens = column_or_nulls(batch, schema.IMAGE_TOKENS)
+        sizes = column_or_nulls(batch, schema.SIZES)
         groups = plan_batches([tokens[i] for i in rows], self.batch_size, self.max_batch_tokens)
         inputs = []
         for group in groups:  # a group's images, then its head start: the first prepare need not wait for all
             picked = [rows[g] for g in group]
-            images = [torch.from_numpy(pixels_to_array(pixels[i], widths[i], heights[i]).copy()) for i in picked]
-            pair = ([chats[i] for i in picked], [image.permute(2, 0, 1) for image in images])
+            images = [row_images(pixels[i], widths[i], heights[i], sizes[i]) for i in picked]
+            pair = ([chats[i] for i in picked], images)
             self._prepare_ahead(*pair)  # taken, or discarded, by generate_resilient below
             inputs.append(pair)
         results: dict[int, Output | InferError] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -13,12 +14,13 @@ from qwenbatch import schema
 from qwenbatch.attempts import AttemptLedger, Guard, die_if_told
 from qwenbatch.config import ConfigError
 from qwenbatch.fetch import fetch
+from qwenbatch.loaded import Loaded, Pages, Picture, Several, assemble
 from qwenbatch.locations import LoadError, LoadLimits, check_location, is_uri, normalise_location
-from qwenbatch.rows import column_or_nulls, error_message, with_columns
+from qwenbatch.pdf import chosen_pages, is_pdf, opened, over_max_pages, render_page
+from qwenbatch.rows import column_or_nulls
 
 Image.MAX_IMAGE_PIXELS = None  # our own header check below is the bomb guard
 EXIF_ORIENTATION = 0x0112
-Loaded = tuple[bytes, int, int]  # a row's RGB pixels, width, height
 ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # the orientations that swap width and height
 
 
@@ -143,13 +145,17 @@ class Resizer:
         self.min_pixels = limits.min_pixels
         self.max_pixels = limits.max_pixels
 
-    def target(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) the model's rounding gives an image of this size: multiples of the patch."""
+    def target(self, width: int, height: int, max_pixels: int | None = None) -> tuple[int, int]:
+        """(width, height) the model's rounding gives an image of this size: multiples of the patch.
+
+        `max_pixels`: a smaller budget than the run's, for one of several images that share a total.
+        """
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+        budget = max_pixels or self.max_pixels
         try:
             new_height, new_width = smart_resize(
-                height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+                height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=budget
             )
         except ValueError as exc:  # the model's own limit, e.g. aspect ratio over 200
             raise LoadError(f"the model cannot take a {width}x{height} image: {exc}") from None
@@ -172,7 +178,7 @@ class Resizer:
         return resized.permute(1, 2, 0).contiguous().numpy()
 
 
-def load_image(data: bytes, limits: LoadLimits, resize: Resizer) -> np.ndarray:
+def load_image(data: bytes, limits: LoadLimits, resize: Resizer, max_pixels: int | None = None) -> np.ndarray:
     """Decode, orient, convert and resize one image to what the model will see.
 
     The target size comes from the original (oriented) size, so a JPEG decoded at reduced
@@ -181,7 +187,7 @@ def load_image(data: bytes, limits: LoadLimits, resize: Resizer) -> np.ndarray:
     image = open_checked(data, limits)
     stored = image.size
     try:
-        return _decode_and_resize(image, limits, resize)
+        return _decode_and_resize(image, limits, resize, max_pixels)
     except MemoryError:  # over the load actor's cap (`limit_memory`)
         raise LoadError(
             f"decoding this {stored[0]}x{stored[1]} image needs more memory than a load actor may use "
@@ -189,15 +195,15 @@ def load_image(data: bytes, limits: LoadLimits, resize: Resizer) -> np.ndarray:
         ) from None
 
 
-def _decode_and_resize(image: Image.Image, limits: LoadLimits, resize: Resizer) -> np.ndarray:
+def _decode_and_resize(image: Image.Image, limits: LoadLimits, resize: Resizer, max_pixels: int | None) -> np.ndarray:
     stored = image.size
     try:  # PNG keeps EXIF after the pixels, so reading it decodes them: a corrupt file fails here
         swapped = image.getexif().get(EXIF_ORIENTATION, 1) in ROTATED_ORIENTATIONS
     except (OSError, SyntaxError, ValueError) as exc:
         raise LoadError(f"cannot decode {image.format}: {exc}") from None
-    target = resize.target(*(stored[::-1] if swapped else stored))
+    target = resize.target(*(stored[::-1] if swapped else stored), max_pixels)
     if limits.jpeg_draft and image.format == "JPEG":
-        image.draft("RGB", resize.target(*stored))  # the decoder's DCT scaling: 1/2, 1/4 or 1/8
+        image.draft("RGB", resize.target(*stored, max_pixels))  # the decoder's DCT scaling: 1/2, 1/4 or 1/8
     _load_pixels(image)
     return resize(to_rgb(image), target)
 
@@ -277,86 +283,145 @@ class Loader:
         limits: LoadLimits,
         image_column: str,
         id_column: str = schema.ID,
+        images_column: str = schema.IMAGES,
         attempts: AttemptLedger | None = None,
     ) -> None:
         self.resize = Resizer(model, revision, limits)
         self.limits = limits
         self.image_column = image_column
+        self.images_column = images_column
         self.id_column = id_column
         self.guard = Guard(attempts, "load")
         if limits.memory_mb is not None:
             self.resize(Image.new("RGB", (64, 64)), (32, 32))  # torch starts its threads before the cap
             limit_memory(limits.memory_mb)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Add pixels, width, height, image_tokens, status and error for every row; never drop one.
+    def __call__(self, batch: pa.Table) -> pa.Table | Iterator[pa.Table]:
+        """Pixels, sizes, image_tokens, status and error for every row (a PDF: for each of its pages); never
+        drops one.
 
-        The encoded bytes stay here: the rows go on with their pixels, and the driver's shard writer
-        never receives raw images it would only drop.
+        A block with PDFs in it goes on in parts, each PDF alone (Ray Data takes a generator's tables one by
+        one): a document's pages are many images, so the actor holds one document's at a time, never a
+        block's. The encoded bytes stay here: the driver's shard writer never receives raw images.
         """
+        parts = self._parts(batch)
+        if len(parts) <= 1:
+            return self._load_part(batch)
+        return (self._load_part(batch.slice(start, stop - start)) for start, stop in parts)
+
+    def _load_part(self, batch: pa.Table) -> pa.Table:
         ids = [str(row) for row in column_or_nulls(batch, self.id_column)]
         keys = list(range(batch.num_rows))
         loaded = self.guard.run(keys, ids, lambda picked: self._load_rows(batch, ids, picked), died=_died)
-        pixels, widths, heights, tokens, statuses, errors = [], [], [], [], [], []
-        for index in keys:
-            result = loaded[index]
-            if isinstance(result, Exception):
-                pixels.append(None)
-                widths.append(None)
-                heights.append(None)
-                tokens.append(None)
-                statuses.append(schema.LOAD_ERROR)
-                errors.append(error_message(result))
-                continue
-            data, width, height = result
-            pixels.append(data)
-            widths.append(width)
-            heights.append(height)
-            tokens.append(width * height // (self.resize.factor * self.resize.factor))
-            statuses.append(schema.OK)
-            errors.append(None)
         raw = [c for c in (schema.IMAGE_BYTES, self.image_column) if holds_pixels_or_bytes(batch, c)]
-        batch = batch.drop_columns(raw)
-        return with_columns(
-            batch,
-            {
-                schema.PIXELS: pa.array(pixels, pa.large_binary()),
-                schema.WIDTH: pa.array(widths, pa.int32()),
-                schema.HEIGHT: pa.array(heights, pa.int32()),
-                schema.IMAGE_TOKENS: pa.array(tokens, pa.int32()),
-                schema.STATUS: pa.array(statuses, pa.string()),
-                schema.ERROR: pa.array(errors, pa.string()),
-            },
-        )
+        results = [loaded[index] for index in keys]
+        return assemble(batch.drop_columns(raw), results, self.id_column, self.resize.factor)
 
-    def _load_rows(self, batch: pa.Table, ids: list[str], picked: list[int]) -> dict[int, Loaded | Exception]:
-        """Each picked row's pixels (as bytes: the array freed at once), or the exception that made it a load_error."""
+    def _parts(self, batch: pa.Table) -> list[tuple[int, int]]:
+        """Row ranges: each row that looks like a PDF (its bytes, or a `.pdf` location) alone, the rows between
+        together. A guess from what is at hand: it bounds memory, while the content decides what a row is."""
         images = image_values(batch, self.image_column)
         raw = column_or_nulls(batch, schema.IMAGE_BYTES)
-        loaded: dict[int, Loaded | Exception] = {}
+        parts, start = [], 0
+        for index, (image, data) in enumerate(zip(images, raw, strict=True)):
+            data = image if isinstance(image, bytes) else data
+            named = isinstance(image, str) and image.lower().endswith(".pdf")
+            if (is_pdf(data) if data is not None else named) and batch.num_rows > 1:
+                parts += [(start, index)] if start < index else []
+                parts.append((index, index + 1))
+                start = index + 1
+        return parts + ([(start, batch.num_rows)] if start < batch.num_rows else [])
+
+    def _load_rows(self, batch: pa.Table, ids: list[str], picked: list[int]) -> dict[int, Loaded]:
+        """Each picked row's picture(s) or pages (pixels as bytes: the arrays freed at once), or the exception
+        that made it a load_error."""
+        images = image_values(batch, self.image_column)
+        raw = column_or_nulls(batch, schema.IMAGE_BYTES)
+        lists = column_or_nulls(batch, self.images_column)
+        loaded: dict[int, Loaded] = {}
         for index in picked:
             image, data = images[index], raw[index]
             try:
+                die_if_told("load", [ids[index]])
+                if lists[index] is not None:
+                    loaded[index] = self._load_several(lists[index])
+                    continue
                 if isinstance(image, bytes):  # encoded bytes in the image column itself
                     image, data = None, image
-                if data is None and isinstance(image, str) and image:
-                    data = fetch_bytes(check_location(image, self.limits), self.limits)
-                if data is None and not isinstance(image, np.ndarray):
+                if data is None and isinstance(image, np.ndarray):  # decoded already (`read_images`)
+                    loaded[index] = Picture.of(load_array(image, self.limits, self.resize))
+                    continue
+                if data is None and not (isinstance(image, str) and image):
                     raise LoadError(f"row has neither {self.image_column!r} nor {schema.IMAGE_BYTES!r}")
-                die_if_told("load", [ids[index]])
                 if data is None:
-                    array = load_array(image, self.limits, self.resize)
+                    data = fetch_bytes(check_location(image, self.limits), self.limits)
+                if is_pdf(data):
+                    loaded[index] = self._load_pdf(data)
                 else:
-                    array = load_image(data, self.limits, self.resize)
-                loaded[index] = (array.tobytes(), array.shape[1], array.shape[0])
+                    loaded[index] = Picture.of(load_image(data, self.limits, self.resize))
             except Exception as exc:  # noqa: BLE001 - one bad image is one row's error, never the job's
                 loaded[index] = exc
         return loaded
 
+    def _shared_budget(self, count: int) -> int:
+        """Each image's pixel budget in a row of `count`: the run's, or less so that they fit the total."""
+        budget = min(self.limits.max_pixels, self.limits.max_total_pixels // count)
+        if budget < self.limits.min_pixels:
+            raise LoadError(
+                f"{count} images at image.min_pixels ({self.limits.min_pixels}) each are over "
+                f"image.max_total_pixels ({self.limits.max_total_pixels})"
+            )
+        return budget
+
+    def _load_several(self, values: list) -> Several:
+        """The `images` list: each a location or encoded bytes; a failure names the image, 1-based."""
+        if not values:
+            raise LoadError(f"{self.images_column!r} is an empty list")
+        budget = self._shared_budget(len(values))
+        pictures = []
+        for number, value in enumerate(values, 1):
+            try:
+                if value is None or value in ("", b""):
+                    raise LoadError("it is null or empty")
+                if isinstance(value, bytes):
+                    data = value
+                else:
+                    data = fetch_bytes(check_location(value, self.limits), self.limits)
+                if is_pdf(data):
+                    raise LoadError("it is a PDF: give a PDF in the image column, one per row")
+                pictures.append(Picture.of(load_image(data, self.limits, self.resize, budget)))
+            except LoadError as exc:
+                raise LoadError(f"image {number} of {len(values)}: {exc}") from None
+        return Several(tuple(pictures))
+
+    def _load_pdf(self, data: bytes) -> Pages | Several:
+        """A row per chosen page (`pdf.mode` per_page), or all of them in one prompt (per_document)."""
+        if schema.PDF_FORMAT not in self.limits.formats:
+            raise LoadError(f"format PDF is not allowed (allowed: {', '.join(self.limits.formats)})")
+        config = self.limits.pdf
+        with opened(data) as document:
+            numbers, left = chosen_pages(len(document), config)
+            skipped = over_max_pages(left, len(document), config.max_pages) if left else None
+            if config.mode == "per_document":
+                if skipped is not None:
+                    raise LoadError(f"pdf.mode per_document: {skipped}")
+                budget = self._shared_budget(len(numbers))
+                return Several(tuple(self._page(document, number, budget) for number in numbers))
+            pages: list[tuple[int, Picture | Exception]] = []
+            for number in numbers:
+                try:
+                    pages.append((number, self._page(document, number, self.limits.max_pixels)))
+                except LoadError as exc:  # one bad page is that page's row
+                    pages.append((number, exc))
+        if skipped is not None:  # one row for the rest, under the first page not processed
+            pages.append((left[0], LoadError(skipped)))
+        return Pages(tuple(pages))
+
+    def _page(self, document: object, number: int, budget: int) -> Picture:
+        """Page `number` rendered at the budget, then resized exactly as the processor would."""
+        image = render_page(document, number, budget, self.limits.max_source_pixels)
+        return Picture.of(self.resize(image, self.resize.target(*image.size, budget)))
+
 
 def _died() -> Exception:
     return LoadError(schema.WORKER_DIED_TWICE)
-
-
-def pixels_to_array(data: bytes, width: int, height: int) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)

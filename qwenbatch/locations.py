@@ -7,11 +7,11 @@ target again), so it lives here, below both of them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from qwenbatch import schema
-from qwenbatch.config import StorageConfig
+from qwenbatch.config import PdfConfig, StorageConfig
 from qwenbatch.rows import RowError
 
 
@@ -35,6 +35,8 @@ class LoadLimits:
     storage: StorageConfig = StorageConfig()  # object-store endpoint and region, as the driver resolved them
     jpeg_draft: bool = False
     memory_mb: int | None = None  # what a load actor may take beyond its start (`load.limit_memory`); None: no limit
+    max_total_pixels: int = schema.DEFAULT_MAX_TOTAL_PIXELS  # a row's several images together
+    pdf: PdfConfig = field(default_factory=PdfConfig)  # which pages of a PDF, and a row per page or per document
 
 
 def is_uri(location: str) -> bool:

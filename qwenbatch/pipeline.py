@@ -16,6 +16,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from qwenbatch import attempts, schema, storage
+from qwenbatch.answers import Answers
 from qwenbatch.attempts import AttemptLedger
 from qwenbatch.config import ConfigError, JobConfig, ProcessConfig, config_snapshot
 from qwenbatch.hub import require_model
@@ -121,12 +122,14 @@ class Rows:
 
     id_column: str = schema.ID
     image_column: str = schema.IMAGE
+    images_column: str = schema.IMAGES
     records: str | None = None  # a run's output: its attempt ledger and replica timing live there; None: not kept
 
     @classmethod
     def of(cls, config: ProcessConfig) -> Rows:
         if isinstance(config, JobConfig):
-            return cls(config.input.id_column, config.input.image_column, config.output.path)
+            inputs = config.input
+            return cls(inputs.id_column, inputs.image_column, inputs.images_column, config.output.path)
         return cls()
 
 
@@ -149,6 +152,8 @@ def limits_for(config: ProcessConfig) -> LoadLimits:
         storage=storage.with_environment(config.storage),
         jpeg_draft=image.jpeg_draft,
         memory_mb=config.run.load_memory_mb,
+        max_total_pixels=image.max_total_pixels,
+        pdf=config.pdf,
     )
 
 
@@ -177,6 +182,7 @@ def build_stages(
                 "revision": model.revision,
                 "limits": limits,
                 "image_column": rows.image_column,
+                "images_column": rows.images_column,
                 "id_column": rows.id_column,
                 "attempts": _ledger(rows, run_id, "load"),
             },
@@ -339,8 +345,9 @@ def _run_held(
         provenance = {"model": config.model.name, "task": config.task.kind, "run_id": run_id}
         if progress is not None:
             progress.start(todo.rows)
+        answers = Answers.of(config.task)
         try:  # the shard writer finalizes the rows as `process` does, on the driver: no operator more
-            written = write_rows(dataset, config.output, config.input.id_column, lease, progress, **provenance)
+            written = write_rows(dataset, config.output, config.input.id_column, lease, progress, answers, **provenance)
         finally:
             if progress is not None:
                 progress.close()
@@ -369,7 +376,7 @@ def build_summary(
     totals = summarize_output(config.output.path)
     errors = totals["rows"] - totals["status"].get(schema.OK, 0)
     error_rate = errors / totals["rows"] if totals["rows"] else 0.0
-    complete = written["rows"] == todo and totals["rows"] >= manifest.rows
+    complete = written["inputs"] == todo and totals["inputs"] >= manifest.rows  # a PDF: one input, many rows
     if not complete:
         state = "partial"
     elif max_error_rate is not None and error_rate > max_error_rate:
@@ -385,6 +392,7 @@ def build_summary(
         "skipped_done": manifest.rows - todo,
         "this_run": {
             "rows": written["rows"],
+            "inputs": written["inputs"],
             "status": written["status"],
             "input_tokens": written["input_tokens"],
             "output_tokens": written["output_tokens"],

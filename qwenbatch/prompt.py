@@ -8,7 +8,9 @@ from typing import Any
 import pyarrow as pa
 
 from qwenbatch import schema
+from qwenbatch.answers import json_request
 from qwenbatch.config import TaskConfig
+from qwenbatch.loaded import image_count
 from qwenbatch.rows import RowError, column_or_nulls, error_message, ok_mask, with_columns
 
 
@@ -37,7 +39,13 @@ def columns_needed(task: TaskConfig) -> list[str]:
 
 
 def instruction_for(task: TaskConfig, row: dict[str, Any]) -> str:
-    """The user text for one row; pure, so every task's rule is testable without a model."""
+    """The user text for one row, with the JSON request when the task wants JSON."""
+    text = task_instruction(task, row)
+    return f"{text}\n\n{json_request(task)}" if task.output == "json" else text
+
+
+def task_instruction(task: TaskConfig, row: dict[str, Any]) -> str:
+    """The task's own text for one row; pure, so every task's rule is testable without a model."""
     if task.kind == "vqa":
         question = row.get(task.question_column)
         if question is None or not str(question).strip():
@@ -60,11 +68,13 @@ def instruction_for(task: TaskConfig, row: dict[str, Any]) -> str:
     return instruction
 
 
-def chat_messages(task: TaskConfig, text: str) -> list[dict[str, Any]]:
+def chat_messages(task: TaskConfig, text: str, images: int = 1) -> list[dict[str, Any]]:
+    """The conversation: the row's images, in order, then its text."""
     messages: list[dict[str, Any]] = []
     if task.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": task.system}]})
-    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
+    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": text}]
+    messages.append({"role": "user", "content": content})
     return messages
 
 
@@ -79,17 +89,18 @@ def prompt_batch(batch: pa.Table, *, model: str, revision: str | None, task: Tas
     chats: list[str | None] = []
     statuses = column_or_nulls(batch, schema.STATUS)
     errors = column_or_nulls(batch, schema.ERROR)
-    rendered: dict[str, str] = {}  # rows with the same instruction (a caption job: all of them) share one render
+    sizes = column_or_nulls(batch, schema.SIZES)
+    rendered: dict[tuple[str, int], str] = {}  # rows alike (a caption job: all of them) share one render
     for index, (row, ok) in enumerate(zip(rows, ok_mask(batch), strict=True)):
         if not ok:
             chats.append(None)
             continue
         try:
-            text = instruction_for(task, row)
-            if text not in rendered:
-                messages = chat_messages(task, text)
-                rendered[text] = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            chats.append(rendered[text])
+            key = (instruction_for(task, row), image_count(sizes[index]))
+            if key not in rendered:
+                messages = chat_messages(task, *key)
+                rendered[key] = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            chats.append(rendered[key])
         except Exception as exc:  # noqa: BLE001 - a bad row is that row's error
             chats.append(None)
             statuses[index] = schema.PROMPT_ERROR

@@ -50,10 +50,10 @@ def open_parquet(config: InputConfig) -> Manifest:
     columns = pads.dataset(files, filesystem=fs, format="parquet").schema.names
     if config.id_column not in columns:
         raise ManifestError(f"manifest has no id column {config.id_column!r} (columns: {', '.join(columns)})")
-    if config.image_column not in columns and schema.IMAGE_BYTES not in columns:
+    if not {config.image_column, schema.IMAGE_BYTES, config.images_column} & set(columns):
         raise ManifestError(
             f"manifest has neither an image column {config.image_column!r} nor {schema.IMAGE_BYTES!r} "
-            f"(columns: {', '.join(columns)})"
+            f"(nor an images list {config.images_column!r}) (columns: {', '.join(columns)})"
         )
     with ThreadPoolExecutor(OPENERS) as pool:
         groups = tuple(pool.map(lambda path: row_groups(fs, path), files))

@@ -10,9 +10,12 @@ IMAGE = "image"
 IMAGE_BYTES = "image_bytes"
 PROMPT = "prompt"
 QUESTION = "question"
+IMAGES = "images"  # a list of locations or encoded images: one prompt over all of them, in order
 
 # Output columns added to every row.
 TEXT = "text"
+JSON = "json"  # task.output json: the answer parsed, validated and normalised
+PAGE = "page"  # a PDF page's number, 1-based; null for any other row
 REASONING = "reasoning"
 STATUS = "status"
 ERROR = "error"
@@ -28,9 +31,11 @@ RUN_ID = "run_id"
 
 OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field(TEXT, pa.string()),
+    pa.field(JSON, pa.string()),
     pa.field(REASONING, pa.string()),
     pa.field(STATUS, pa.string()),
     pa.field(ERROR, pa.string()),
+    pa.field(PAGE, pa.int32()),
     pa.field(WIDTH, pa.int32()),
     pa.field(HEIGHT, pa.int32()),
     pa.field(IMAGE_TOKENS, pa.int32()),
@@ -46,19 +51,24 @@ OUTPUT_COLUMNS: tuple[str, ...] = tuple(f.name for f in OUTPUT_FIELDS)
 # Internal columns that travel between stages and never reach the output.
 PIXELS = "_pixels"  # resized RGB uint8, row-major HxWx3, as bytes
 CHAT = "_chat"  # the chat-templated prompt text
-DROPPED_COLUMNS: tuple[str, ...] = (IMAGE_BYTES, PIXELS, CHAT)
+SIZES = "_sizes"  # a row of several images: each one's width and height in turn, their pixels one after another
+DOCUMENT = "_document"  # a PDF page row: its document's id ...
+DOCUMENT_ROWS = "_document_rows"  # ... and how many rows the document became: they are written in one shard
+DROPPED_COLUMNS: tuple[str, ...] = (IMAGE_BYTES, PIXELS, CHAT, SIZES, DOCUMENT, DOCUMENT_ROWS)
 
 # Statuses: `ok`, or the stage that failed.
 OK = "ok"
 LOAD_ERROR = "load_error"
 PROMPT_ERROR = "prompt_error"
 INFER_ERROR = "infer_error"
-STATUSES = (OK, LOAD_ERROR, PROMPT_ERROR, INFER_ERROR)
+PARSE_ERROR = "parse_error"  # task.output json: the answer does not parse or does not match the schema
+STATUSES = (OK, LOAD_ERROR, PROMPT_ERROR, INFER_ERROR, PARSE_ERROR)
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 
 TASKS = ("caption", "vqa", "document", "custom")
+OUTPUTS = ("text", "json")  # task.output: the answer as text, or also parsed as JSON
 
 # One visual token per (patch_size * merge_size)^2 pixels: 32x32 for Qwen3-VL.
 PIXELS_PER_TOKEN = 32 * 32
@@ -80,7 +90,8 @@ DEFAULT_PROMPTS = {
 # Load-stage limits.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_SOURCE_PIXELS = 100_000_000  # decoded size from the header; bombs stop here
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+PDF_FORMAT = "PDF"
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", PDF_FORMAT)
 DEFAULT_FETCH_TIMEOUT_S = 30.0
 DEFAULT_FETCH_RETRIES = 3  # after the first attempt, on transient errors only (5xx, 429, timeouts, resets)
 DEFAULT_FETCH_BACKOFF_S = 0.5  # the first retry's wait; it doubles, with jitter, up to the cap
@@ -90,9 +101,20 @@ FETCH_CHUNK_BYTES = 256 * 1024
 # Private memory (heap, anonymous mappings: RLIMIT_DATA) a load actor may take beyond what it holds once
 # started; Ray's shared object store does not count. A decode that needs more is that row's load_error.
 DEFAULT_LOAD_MEMORY_MB = 4096
+# A row of several images (the `images` column, a PDF with pdf.mode per_document): their pixels together at
+# most this (the checkpoint's own cap, 16384 visual tokens); each image's budget shrinks to fit.
+DEFAULT_MAX_TOTAL_PIXELS = 16384 * PIXELS_PER_TOKEN
+
+# PDFs: one output row per page, its id the document's id, this separator and the page number (`inv-7#p2`).
+PAGE_ID_SEPARATOR = "#p"
+PDF_PAGES = ("all", "first")  # pdf.pages: every page, the first, or a list of page numbers
+PDF_MODES = ("per_page", "per_document")  # a row per page, or one prompt over a document's pages
+DEFAULT_PDF_MAX_PAGES = 100
+PDF_HEADER_WITHIN = 1024  # PDF readers accept the `%PDF-` header anywhere in the first 1024 bytes
 
 # Input kinds beyond Parquet manifests.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what counts as an image file
+# What counts as an image file (a PDF's pages too).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".pdf")
 SIZE = "size"  # `qwenbatch manifest`: the image file's bytes
 SHARD = "shard"  # WebDataset: the tar a sample came from
 WEBDATASET_TEXT_SUFFIXES = ("txt", "json")  # sibling members that become string columns; others are ignored

@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from qwenbatch import schema, storage
+from qwenbatch.documents import resume_keys
 from qwenbatch.ids import Hashes, IdSorter, SortedIds, hash_ids
 
 NO_STATUS = "(none)"  # a row without a status: never written by qwenbatch, but counted, not dropped
@@ -44,6 +45,7 @@ STATS_COLUMNS = (
     schema.RUN_ID,
     schema.TASK,
     schema.MODEL,
+    schema.PAGE,
 )
 COUNTED = (  # the stats that count rows by a value: merged by adding the counts up
     "status",
@@ -87,8 +89,14 @@ def _counts(values: pa.Array | pa.ChunkedArray, keep: int | None = None) -> dict
     return {str(value): count for value, count in ranked}
 
 
-def shard_stats(table: pa.Table) -> dict[str, Any]:
-    """What summaries, `status` and `report` need of a shard, as JSON-ready counts."""
+def shard_stats(table: pa.Table, id_column: str = schema.ID, inputs: int | None = None) -> dict[str, Any]:
+    """What summaries, `status` and `report` need of a shard, as JSON-ready counts.
+
+    `inputs`: the manifest rows the shard finishes (a PDF's pages finish one), when the caller has counted
+    them (`documents.resume_keys`); else counted here.
+    """
+    if inputs is None:
+        inputs = resume_keys(table, id_column)[1] if id_column in table.column_names else table.num_rows
     status = pc.fill_null(_column(table, schema.STATUS, pa.string()), NO_STATUS)
     error = _column(table, schema.ERROR, pa.string())
     failed = pc.not_equal(status, schema.OK)
@@ -100,6 +108,7 @@ def shard_stats(table: pa.Table) -> dict[str, Any]:
     )
     return {
         "rows": table.num_rows,
+        "inputs": inputs,
         "status": _counts(status),
         "input_tokens": pc.sum(_column(table, schema.INPUT_TOKENS, pa.int64())).as_py() or 0,
         "output_tokens": pc.sum(_column(table, schema.OUTPUT_TOKENS, pa.int64())).as_py() or 0,
@@ -121,12 +130,14 @@ def shard_stats(table: pa.Table) -> dict[str, Any]:
 
 def merge_stats(stats: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Shards' stats added up: counts summed; each reason keeps the first example seen."""
-    total: dict[str, Any] = {"rows": 0, "input_tokens": 0, "output_tokens": 0, "shards": 0, "reasons_example": {}}
+    total: dict[str, Any] = {"rows": 0, "inputs": 0, "input_tokens": 0, "output_tokens": 0, "shards": 0}
+    total["reasons_example"] = {}
     counters = {key: Counter() for key in COUNTED}
     for item in stats:
         total["shards"] += 1
         for key in ("rows", "input_tokens", "output_tokens"):
             total[key] += item.get(key, 0)
+        total["inputs"] += item.get("inputs", item.get("rows", 0))  # indexes from before PDFs: a row an input
         for key in COUNTED:
             counters[key].update(item.get(key, {}))
         for reason, example in item.get("reasons_example", {}).items():
@@ -152,6 +163,12 @@ def write_index(fs: pafs.FileSystem, base: str, name: str, hashes: Hashes, stats
     return path
 
 
+def keyed(table: pa.Table, id_column: str) -> tuple[Hashes, dict[str, Any]]:
+    """What a shard's index holds: the hashes resume matches (`documents.resume_keys`), and its stats."""
+    keys, inputs = resume_keys(table, id_column)
+    return hash_ids(keys).sorted(), shard_stats(table, id_column, inputs)
+
+
 def write_shard(
     fs: pafs.FileSystem,
     base: str,
@@ -160,9 +177,8 @@ def write_shard(
     before_publish: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The shard, then its index; returns its stats. `before_publish` runs just before the shard appears."""
-    hashes = hash_ids(table.column(id_column)).sorted()
+    hashes, stats = keyed(table, id_column)
     name = shard_name(hashes)
-    stats = shard_stats(table)
     storage.write_parquet_atomic(fs, storage.join(base, name), table, before_publish)
     write_index(fs, base, name, hashes, stats)
     return stats
@@ -183,8 +199,7 @@ def list_shards(fs: pafs.FileSystem, base: str) -> list[Shard]:
 def _from_shard(fs: pafs.FileSystem, shard: Shard, id_column: str) -> tuple[Hashes, dict[str, Any]]:
     dataset = pads.dataset(shard.path, filesystem=fs, format="parquet")
     wanted = [c for c in (id_column, *STATS_COLUMNS) if c in dataset.schema.names]
-    table = dataset.to_table(columns=wanted)
-    return hash_ids(table.column(id_column)).sorted(), shard_stats(table)
+    return keyed(dataset.to_table(columns=wanted), id_column)
 
 
 def _stats(fs: pafs.FileSystem, shard: Shard, id_column: str) -> dict[str, Any]:

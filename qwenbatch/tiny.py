@@ -207,32 +207,34 @@ def _build_model(config: Qwen3VLConfig, seed: int, chain: list[int] | None) -> Q
     return model
 
 
-def _marker(seed: int, thinking: bool) -> dict:
-    return {"version": VERSION, "seed": seed, "thinking": thinking}
+def _marker(seed: int, thinking: bool, answer: str | None = None) -> dict:
+    return {"version": VERSION, "seed": seed, "thinking": thinking} | ({"answer": answer} if answer else {})
 
 
-def _is_complete(path: Path, seed: int, thinking: bool) -> bool:
+def _is_complete(path: Path, seed: int, thinking: bool, answer: str | None = None) -> bool:
     """True if `path` holds a finished build of this version, seed and variant (the marker is written last)."""
     try:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker == _marker(seed, thinking)
+    return marker == _marker(seed, thinking, answer)
 
 
-def build_tiny_model(path: str | Path, seed: int = 0, thinking: bool = False) -> Path:
+def build_tiny_model(path: str | Path, seed: int = 0, thinking: bool = False, answer: str | None = None) -> Path:
     """Build and save a tiny random Qwen3-VL checkpoint at `path`; returns the path.
 
     `thinking` builds the Thinking variant: its chat template opens `<think>` in the generation prompt,
     and its weights are set so that greedy decoding writes `thinking_script` (THINKING_REASONING,
     `</think>`, THINKING_ANSWER) whatever the image, which makes the reasoning split testable end to end.
+    `answer` (an instruct model) sets them so that it writes `answer` whatever the image and prompt (its
+    tokens, the generation prompt's last among them, must be distinct): a known answer end to end.
 
     Idempotent: if `path` already holds a complete checkpoint built by this function (same version, seed
     and variant, per the `qwenbatch_tiny.json` marker), it is returned without rebuilding. Files are staged
     in a temporary sibling directory and moved in with the marker last, so an interrupted build is redone.
     """
     path = Path(path)
-    if _is_complete(path, seed, thinking):
+    if _is_complete(path, seed, thinking, answer):
         return path
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp") as tmp:
@@ -242,6 +244,9 @@ def build_tiny_model(path: str | Path, seed: int = 0, thinking: bool = False) ->
         # The script starts from the generation prompt's last token, the newline after `<think>`.
         start = tokenizer(THINKING_PROMPT, add_special_tokens=False).input_ids[-1]
         chain = [start, *thinking_script(tokenizer)] if thinking else None
+        if answer is not None and not thinking:
+            last = tokenizer(INSTRUCT_PROMPT, add_special_tokens=False).input_ids[-1]
+            chain = [last, *tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
         model = _build_model(_build_config(tokenizer), seed, chain)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # save_pretrained shows a tqdm bar; this builder prints nothing
@@ -256,5 +261,5 @@ def build_tiny_model(path: str | Path, seed: int = 0, thinking: bool = False) ->
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(item, target)
-        (path / MARKER).write_text(json.dumps(_marker(seed, thinking)) + "\n")
+        (path / MARKER).write_text(json.dumps(_marker(seed, thinking, answer)) + "\n")
     return path

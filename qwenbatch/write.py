@@ -13,15 +13,20 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from qwenbatch import schema, storage
+from qwenbatch.answers import Answers
 from qwenbatch.config import OutputConfig
+from qwenbatch.documents import DocumentGate
 from qwenbatch.lease import Lease, LeaseLost
 from qwenbatch.shards import list_shards, merge_stats, read_stats, write_shard
 
 QUEUED_BATCHES = 8  # blocks waiting for the writer thread before the pipeline waits for it
 
 
-def finalize_batch(batch: pa.Table, *, model: str, task: str, run_id: str) -> pa.Table:
-    """Drop raw bytes and internal columns; give every output column its one fixed type."""
+def finalize_batch(batch: pa.Table, *, model: str, task: str, run_id: str, answers: Answers | None = None) -> pa.Table:
+    """Parse JSON answers (`task.output: json`), drop raw bytes and internal columns, give every output column
+    its one fixed type."""
+    if answers is not None:
+        batch = answers(batch)
     batch = batch.drop_columns([c for c in schema.DROPPED_COLUMNS if c in batch.column_names])
     provenance = {schema.MODEL: model, schema.TASK: task, schema.RUN_ID: run_id}
     for field in schema.OUTPUT_FIELDS:
@@ -63,17 +68,25 @@ class ShardWriter:
     up to the limits and writes each shard with its index (`shards.write_shard`), while the pipeline
     goes on. A crash loses only rows not yet in a shard, which no index lists, so the next run does
     them again; a shard is named by its ids, so one written twice overwrites itself. With a `lease`,
-    each shard is written only after renewing it: a run that lost its output writes nothing more.
+    each shard is written only after renewing it: a run that lost its output writes nothing more. A PDF's
+    page rows wait until all of them have come, and go into one shard together (`documents.DocumentGate`).
     """
 
     def __init__(
-        self, output: str, id_column: str, limits: ShardLimits, lease: Lease | None = None, **finalize: str
+        self,
+        output: str,
+        id_column: str,
+        limits: ShardLimits,
+        lease: Lease | None = None,
+        answers: Answers | None = None,
+        **provenance: str,
     ) -> None:
         self.filesystem, self.base = storage.resolve(output)
         self.id_column = id_column
         self.limits = limits
         self.lease = lease
-        self.finalize = finalize
+        self.gate = DocumentGate()
+        self.finalize: dict[str, Any] = {"answers": answers, **provenance}
         self.stats: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=QUEUED_BATCHES)
@@ -118,6 +131,7 @@ class ShardWriter:
                     batch = pa.table({})  # nothing came in time: the age limit is up
                 if batch is None:
                     break
+                batch = self.gate.admit(batch) if batch.num_rows else batch
                 if batch.num_rows:
                     table = finalize_batch(batch, **self.finalize)
                     since = since if buffer else time.monotonic()
@@ -131,6 +145,7 @@ class ShardWriter:
                 if due:
                     self._write(buffer)
                     buffer, rows, size = [], 0, 0
+            self.gate.drop_held()
             if buffer:
                 self._write(buffer)
         except BaseException as exc:  # noqa: BLE001 - handed to the pipeline's thread, which raises it
@@ -154,6 +169,7 @@ def write_rows(
     id_column: str,
     lease: Lease | None = None,
     counter: BlockCounter | None = None,
+    answers: Answers | None = None,
     **provenance: str,
 ) -> dict[str, Any]:
     """Every row of the dataset into shards, each block shown to `counter` too; this run's totals.
@@ -162,7 +178,7 @@ def write_rows(
     """
     if dataset is None:
         return merge_stats([])
-    writer = ShardWriter(output.path, id_column, ShardLimits.of(output), lease, **provenance)
+    writer = ShardWriter(output.path, id_column, ShardLimits.of(output), lease, answers, **provenance)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.put(batch)
@@ -206,6 +222,7 @@ def summarize_output(output: str, top_errors: int = 10) -> dict[str, Any]:
     errors = sorted(totals["errors"].items(), key=lambda item: (-item[1], item[0]))[:top_errors]
     return {
         "rows": totals["rows"],
+        "inputs": totals["inputs"],
         "status": totals["status"],
         "top_errors": [{"error": e, "count": n} for e, n in errors],
         "input_tokens": totals["input_tokens"],

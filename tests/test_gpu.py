@@ -33,7 +33,7 @@ def texts(table) -> list[str]:
 
 
 def images_of(batch) -> list[torch.Tensor]:
-    from qwenbatch.load import pixels_to_array
+    from qwenbatch.loaded import pixels_to_array
 
     pixels, widths, heights = (batch.column(c).to_pylist() for c in (schema.PIXELS, schema.WIDTH, schema.HEIGHT))
     return [torch.from_numpy(pixels_to_array(p, w, h).copy()).permute(2, 0, 1) for p, w, h in zip(pixels, widths,
