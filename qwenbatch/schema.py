@@ -102,6 +102,9 @@ MAX_ERROR_CHARS = 500
 # Nightly runs: `{date}` in a path renders as this format (`{date:%Y/%m/%d}` picks another).
 DATE_FORMAT = "%Y-%m-%d"
 
+# model.engine 'vllm': the share of each GPU's memory vLLM takes by default (vLLM's own default).
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
 # Batching in the infer stage: rows per generate call, and rows x longest row in image tokens.
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and on a GPU where the config sets none: see GPU_MEMORY_HEADROOM
