@@ -153,9 +153,18 @@ class _Engine:
                     outputs = self.engine.step()
                 except Exception as exc:
                     raise EngineDied(f"vLLM failed in a step: {error_message(exc)}") from exc
-                self.clock.add(generate_s=time.perf_counter() - started, batches=1, began=began)
+                seconds = time.perf_counter() - started
+                self.clock.add(generate_s=seconds, batches=1, memory=self._memory(), began=began)
                 self._finished.update((o.request_id, o) for o in outputs if o.finished)
         return done
+
+    def _memory(self) -> int:
+        """On a GPU: the most memory torch held at once in this process (weights, KV cache, activations)."""
+        if self.clock.figures.device != "cuda":
+            return 0
+        import torch
+
+        return torch.cuda.max_memory_allocated()
 
 
 class VllmGenerator:

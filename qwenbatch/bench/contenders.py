@@ -171,6 +171,10 @@ def vllm_run(
 
     if importlib.util.find_spec("vllm") is None:
         return [], [f"{VLLM_ROW}: skipped, vLLM is not installed here (README: The vLLM engine)"]
+    if mode.device == "cuda":  # what this process's allocator kept from the plain loop would count as taken
+        import torch
+
+        torch.cuda.empty_cache()
     config = pipeline_config(model_path, manifest, output, mode, engine="vllm")
     return [qwenbatch_run(VLLM_ROW, output, config, image_tokens=image_tokens)], []
 
