@@ -20,7 +20,7 @@ import pytest
 
 from qwenbatch import schema
 from qwenbatch.config import ConfigError, GenerationConfig, JobConfig, ModelConfig, load_config
-from qwenbatch.engine_vllm import engine_args, sampling_args
+from qwenbatch.engine_vllm import engine_args, sampling_args, vllm_versions
 from qwenbatch.pipeline import run
 from tests.helpers import REPO, job_data, read_output, start_run, stop_group, write_images, write_manifest
 
@@ -48,6 +48,8 @@ def vllm_data(model: Path, manifest: Path, output: Path, **model_keys: Any) -> d
 def run_rows(data: dict[str, Any]) -> dict[str, dict]:
     result = run(JobConfig.model_validate(data))
     assert result.succeeded, result.summary
+    if data["model"].get("engine") == "vllm":  # the summary names the vLLM distribution that ran
+        assert vllm_versions() and vllm_versions().items() <= result.summary["versions"].items()
     return {row["id"]: row for row in read_output(data["output"]["path"]).to_pylist()}
 
 
