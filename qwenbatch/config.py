@@ -27,6 +27,28 @@ class ModelConfig(_Section):
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
+    engine: Literal["transformers", "vllm"] = Field(
+        default="transformers", description="transformers (the reference) or vllm (pip install 'qwenbatch[vllm]')"
+    )
+    gpu_memory_utilization: float = Field(
+        default=schema.DEFAULT_GPU_MEMORY_UTILIZATION,
+        gt=0,
+        le=1,
+        description="vllm: share of each GPU's memory the engine takes (on CPU: of the machine's memory)",
+    )
+    kv_cache_gib: float | None = Field(
+        default=None, gt=0, description="vllm: KV cache of this size instead of the share above (CPU: set it)"
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="vllm: tokens of context; a longer prompt is that row's infer_error"
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _vllm_installed(cls, value: str) -> str:
+        if value == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("engine 'vllm' needs vLLM installed beside qwenbatch (README: The vLLM engine)")
+        return value
 
     @field_validator("attn_implementation")
     @classmethod
@@ -291,6 +313,17 @@ class ProcessConfig(_Section):
     def _budget_order(self) -> ProcessConfig:
         if self.image.min_pixels > self.max_pixels():
             raise ValueError("image.min_pixels must not exceed image.max_pixels")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_settings(self) -> ProcessConfig:
+        """Settings of the transformers engine that vLLM replaces with its own, or that it does not take."""
+        if self.model.engine == "vllm" and self.generation.compile:
+            raise ValueError("generation.compile is the transformers engine's; vLLM compiles on GPUs by itself")
+        if self.model.engine == "vllm" and self.run.processor_device == "cuda":
+            raise ValueError("run.processor_device 'cuda' is the transformers engine's; vLLM places its own")
+        if self.model.engine == "vllm" and self.pdf.mode == "per_document":
+            raise ValueError(schema.VLLM_ONE_IMAGE)
         return self
 
 

@@ -33,7 +33,16 @@ from qwenbatch.loaded import flat_images, row_images
 from qwenbatch.rows import RowError, column_or_nulls, error_message, ok_mask, with_columns
 from qwenbatch.timing import ReplicaClock, TimingSink
 
-__all__ = ["CoreShare", "Generator", "InferError", "Output", "free_cores", "plan_batches", "split_reasoning"]
+__all__ = [
+    "CoreShare",
+    "Generator",
+    "InferError",
+    "Output",
+    "free_cores",
+    "plan_batches",
+    "results_table",
+    "split_reasoning",
+]
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +380,7 @@ class Generator:
             )
         finally:
             self._publish_timing()
-        return self._with_results(batch, results)
+        return results_table(batch, results)
 
     def _generate_rows(self, batch: pa.Table, rows: list[int]) -> dict[int, Output | InferError]:
         chats = column_or_nulls(batch, schema.CHAT)
@@ -405,32 +414,36 @@ class Generator:
         except OSError as exc:  # the figures are a report, never a reason to fail rows
             log.warning("could not write replica timing to %s: %s", self.timing.folder, exc)
 
-    @staticmethod
-    def _with_results(batch: pa.Table, results: dict[int, Output | InferError]) -> pa.Table:
-        n = batch.num_rows
-        text, reasoning, input_tokens, output_tokens, finish = ([None] * n for _ in range(5))
-        statuses = column_or_nulls(batch, schema.STATUS)
-        errors = column_or_nulls(batch, schema.ERROR)
-        for index, result in results.items():
-            if isinstance(result, InferError):
-                statuses[index] = schema.INFER_ERROR
-                errors[index] = error_message(result)
-                continue
-            text[index] = result.text
-            reasoning[index] = result.reasoning
-            input_tokens[index] = result.input_tokens
-            output_tokens[index] = result.output_tokens
-            finish[index] = result.finish_reason
-        batch = batch.drop_columns([c for c in (schema.PIXELS, schema.CHAT) if c in batch.column_names])
-        return with_columns(
-            batch,
-            {
-                schema.TEXT: pa.array(text, pa.string()),
-                schema.REASONING: pa.array(reasoning, pa.string()),
-                schema.STATUS: pa.array(statuses, pa.string()),
-                schema.ERROR: pa.array(errors, pa.string()),
-                schema.INPUT_TOKENS: pa.array(input_tokens, pa.int32()),
-                schema.OUTPUT_TOKENS: pa.array(output_tokens, pa.int32()),
-                schema.FINISH_REASON: pa.array(finish, pa.string()),
-            },
-        )
+
+def results_table(batch: pa.Table, results: dict[int, Output | InferError]) -> pa.Table:
+    """The block with each row's answer or error (rows not in `results` keep theirs); internal columns dropped.
+
+    Shared by both engines, so they write the same columns.
+    """
+    n = batch.num_rows
+    text, reasoning, input_tokens, output_tokens, finish = ([None] * n for _ in range(5))
+    statuses = column_or_nulls(batch, schema.STATUS)
+    errors = column_or_nulls(batch, schema.ERROR)
+    for index, result in results.items():
+        if isinstance(result, InferError):
+            statuses[index] = schema.INFER_ERROR
+            errors[index] = error_message(result)
+            continue
+        text[index] = result.text
+        reasoning[index] = result.reasoning
+        input_tokens[index] = result.input_tokens
+        output_tokens[index] = result.output_tokens
+        finish[index] = result.finish_reason
+    batch = batch.drop_columns([c for c in (schema.PIXELS, schema.CHAT) if c in batch.column_names])
+    return with_columns(
+        batch,
+        {
+            schema.TEXT: pa.array(text, pa.string()),
+            schema.REASONING: pa.array(reasoning, pa.string()),
+            schema.STATUS: pa.array(statuses, pa.string()),
+            schema.ERROR: pa.array(errors, pa.string()),
+            schema.INPUT_TOKENS: pa.array(input_tokens, pa.int32()),
+            schema.OUTPUT_TOKENS: pa.array(output_tokens, pa.int32()),
+            schema.FINISH_REASON: pa.array(finish, pa.string()),
+        },
+    )

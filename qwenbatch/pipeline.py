@@ -19,6 +19,7 @@ from qwenbatch import attempts, schema, storage
 from qwenbatch.answers import Answers
 from qwenbatch.attempts import AttemptLedger
 from qwenbatch.config import ConfigError, JobConfig, ProcessConfig, config_snapshot
+from qwenbatch.engine_vllm import VllmGenerator, vllm_versions
 from qwenbatch.hub import require_model
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
@@ -195,7 +196,7 @@ def build_stages(
         ),
         Stage(
             "infer",
-            Generator,
+            VllmGenerator if model.engine == "vllm" else Generator,
             num_cpus=1 if placement.device == "cpu" else 0,
             num_gpus=placement.gpus_per_replica,
             concurrency=config.run.replicas,
@@ -404,5 +405,5 @@ def build_summary(
         "error_rate": round(error_rate, 6),
         "max_error_rate": max_error_rate,
         "config": config_snapshot(config),
-        "versions": versions(),
+        "versions": versions() | (vllm_versions() if config.model.engine == "vllm" else {}),
     }

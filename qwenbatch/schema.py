@@ -124,6 +124,9 @@ MAX_ERROR_CHARS = 500
 # Nightly runs: `{date}` in a path renders as this format (`{date:%Y/%m/%d}` picks another).
 DATE_FORMAT = "%Y-%m-%d"
 
+# model.engine 'vllm': the share of each GPU's memory vLLM takes by default (vLLM's own default).
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
 # Batching in the infer stage: rows per generate call, and rows x longest row in image tokens.
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_BATCH_TOKENS = 32768  # on CPU, and on a GPU where the config sets none: see GPU_MEMORY_HEADROOM
@@ -157,6 +160,8 @@ ATTEMPTS_FOLDER = "_attempts"  # per-run folders of the blocks and rows in fligh
 # A row whose worker died this many times while it was processed alone gets this error, never another try.
 ROW_WORKER_DEATHS = 2
 WORKER_DIED_TWICE = "the worker died twice while processing this row"
+# vLLM is started for one image a prompt: rows of several images are that engine's row errors.
+VLLM_ONE_IMAGE = "model.engine vllm takes one image a prompt: image lists and pdf.mode per_document need transformers"
 # Tests only: `<stage>:<id>[:<marker file>]`, comma-separated, makes that stage's worker die on that row
 # (with a marker file, only once). See `attempts.die_if_told`.
 TEST_DIE_ENV = "QWENBATCH_TEST_DIE_ON"

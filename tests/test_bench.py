@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from qwenbatch.bench import QWEN3_VL_8B_PARAMS, count_parameters, qwen3_vl_8b_config, run_bench
@@ -18,7 +19,10 @@ def test_gpu_model_has_the_8b_shape():
 def test_cpu_bench_smoke(ray_local, tmp_path):
     results = run_bench("cpu", tmp_path, images=8)
     names = [row["name"] for row in results["end_to_end"]]
-    assert names == ["plain transformers loop (batch 4)", "qwenbatch", "qwenbatch (jpeg_draft)"]
+    engine = ["qwenbatch, engine vllm"] if importlib.util.find_spec("vllm") else []  # beside, where vLLM is installed
+    assert names == ["plain transformers loop (batch 4)", "qwenbatch", "qwenbatch (jpeg_draft)", *engine]
+    assert results["notes"] == ([] if engine else ["qwenbatch, engine vllm: skipped, vLLM is not installed here "
+                                                   "(README: The vLLM engine)"])  # fmt: skip
     for row in results["end_to_end"]:
         assert row["images"] == 8 and row["seconds"] > 0 and row["peak_memory_bytes"] > 0
         assert row["output_tokens"] == 8 * results["settings"]["max_new_tokens"]  # fixed output length

@@ -32,6 +32,7 @@ from qwenbatch.bench.contenders import (
     plain_loop,
     qwenbatch_run,
     task_table,
+    vllm_run,
 )
 from qwenbatch.bench.cost import H100_FREE_AFTER_LOAD, KV_BYTES_PER_TOKEN
 from qwenbatch.bench.images import make_bench_images
@@ -122,6 +123,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_num(row['after_first_images_per_s'])} | {_pct(row['gpu_busy'])} | {_pct(row['mfu'])} |"
         )
     lines += ["", f"qwenbatch (best) / plain loop: **{results['ratio']:.2f}x** images/s"]
+    lines += [f"- {note}" for note in results.get("notes", [])]
     if results.get("load_stage"):
         lines += ["", "| load stage, large JPEGs | images/s | vs plain |", "| --- | ---: | ---: |"]
         for row in results["load_stage"]:
@@ -204,7 +206,8 @@ def run_bench(
             config = pipeline_config(model_path, manifest, folder / f"out{'-compile' * compiled}", mode,
                                      compile=compiled)  # fmt: skip
             runs.append(qwenbatch_run(name, folder / f"out{'-compile' * compiled}", config, image_tokens=tokens))
-        results |= _contest(runs, model_path)
+        engine_runs, notes = vllm_run(model_path, manifest, folder / "out-vllm", mode, image_tokens=tokens)
+        results |= _contest(runs + engine_runs, model_path) | {"notes": notes}
     else:
         model_path = model or str(tiny)
         manifest = make_bench_images(folder / "data-cpu", mode.images, CPU_SIZES)
@@ -212,7 +215,9 @@ def run_bench(
         for name, draft in (("qwenbatch", False), ("qwenbatch (jpeg_draft)", True)):
             config = pipeline_config(model_path, manifest, folder / f"out{'-draft' * draft}", mode, draft)
             runs.append(qwenbatch_run(name, folder / f"out{'-draft' * draft}", config))
-        results |= _contest(runs, model_path) | {"tasks": task_table(model_path, manifest, mode)}
+        engine_runs, notes = vllm_run(model_path, manifest, folder / "out-vllm", mode)
+        results |= _contest(runs + engine_runs, model_path) | {"notes": notes}
+        results["tasks"] = task_table(model_path, manifest, mode)
         import pyarrow.parquet as pq
 
         paths = [p for p in pq.read_table(manifest, columns=["image"]).column("image").to_pylist() if "4000x3000" in p]

@@ -15,6 +15,8 @@ from qwenbatch.bench.measure import CpuSeconds, Measure, PeakRSS, gpu_peak, gpu_
 from qwenbatch.infer import ModelLoader
 
 PLAIN_BATCH = 4
+VLLM_ROW = "qwenbatch, engine vllm"
+VLLM_CPU_KV_CACHE_GIB = 2  # vLLM on CPU: a fixed KV cache, as its default share of the machine's memory is most of it
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,16 @@ def pipeline_config(
     task: str = "caption",
     compile: bool = False,
     max_batch_tokens: int | None = None,
+    engine: str = "transformers",
 ):
     from qwenbatch.config import JobConfig
 
+    model: dict[str, Any] = {"name": model_path, "dtype": mode.dtype, "engine": engine}
+    if engine == "vllm" and mode.device == "cpu":
+        model["kv_cache_gib"] = VLLM_CPU_KV_CACHE_GIB
     return JobConfig.model_validate(
         {
-            "model": {"name": model_path, "dtype": mode.dtype},
+            "model": model,
             "task": {"kind": task},
             "generation": {
                 "max_new_tokens": mode.max_new_tokens,
@@ -155,6 +161,22 @@ def qwenbatch_run(
     if image_tokens:
         measure.mfu = steady_mfu(measure, image_tokens)
     return measure
+
+
+def vllm_run(
+    model_path: str, manifest: Path, output: Path, mode: Mode, image_tokens: int | None = None
+) -> tuple[list[Measure], list[str]]:
+    """The pipeline with `model.engine: vllm` on the same images; none, with a note, where vLLM is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return [], [f"{VLLM_ROW}: skipped, vLLM is not installed here (README: The vLLM engine)"]
+    if mode.device == "cuda":  # what this process's allocator kept from the plain loop would count as taken
+        import torch
+
+        torch.cuda.empty_cache()
+    config = pipeline_config(model_path, manifest, output, mode, engine="vllm")
+    return [qwenbatch_run(VLLM_ROW, output, config, image_tokens=image_tokens)], []
 
 
 def steady_mfu(measure: Measure, image_tokens: int) -> float | None:
