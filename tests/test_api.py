@@ -85,7 +85,8 @@ def test_bytes_from_items_chained(tiny_model, ray_local, folder, tmp_path):
         {"key": path.name, "image": path.read_bytes(), "question": QUESTIONS[i % 3]} for i, path in enumerate(images)
     ]
     items.append({"key": "truncated", "image": images[1].read_bytes()[:200], "question": "What?"})
-    items.append({"key": "not-an-image", "image": b"%PDF-1.4 not an image", "question": "What?"})
+    items.append({"key": "not-an-image", "image": b"plain text, not an image", "question": "What?"})
+    items.append({"key": "cut-pdf", "image": b"%PDF-1.4 the rest is missing", "question": "What?"})
     output = tmp_path / "never-written"
     config_file = tmp_path / "job.yaml"
     config_file.write_text(yaml.safe_dump(job_data(tiny_model, tmp_path / "nowhere", output, task={"kind": "vqa"})))
@@ -103,6 +104,8 @@ def test_bytes_from_items_chained(tiny_model, ray_local, folder, tmp_path):
     assert rows["truncated"]["error"].startswith("cannot decode")
     assert rows["not-an-image"] == rows["not-an-image"] | {"status": schema.LOAD_ERROR, "text": None, "shout": None}
     assert rows["not-an-image"]["error"] == "not a recognised image file"
+    assert rows["cut-pdf"]["status"] == schema.LOAD_ERROR  # bytes that open as a PDF are read as one
+    assert rows["cut-pdf"]["error"] == "cannot open PDF: the file is truncated (no end-of-file marker)"
     for i, path in enumerate(images):
         row, cli = rows[path.name], expected[str(path)]
         assert row["status"] == cli["status"], path
