@@ -137,11 +137,11 @@ def test_vllm_rows_equal_the_transformers_engine(tiny_model: Path, ray_local, tm
 def test_a_row_of_several_images_is_that_rows_error_with_vllm(tiny_model: Path, ray_local, tmp_path: Path) -> None:
     """vLLM is started for one image a prompt: an `images` list is that row's infer_error, its neighbours answer."""
     first, second = write_images(tmp_path / "images", 2)
-    rows = [{"id": "one", "image": str(first)}, {"id": "two", "images": [str(first), str(second)]}]
+    rows = [{"id": "one", "image": str(first), "images": None}, {"id": "two", "images": [str(first), str(second)]}]
     manifest = write_manifest(tmp_path / "manifest.parquet", rows)
     ours = run_rows(vllm_data(tiny_model, manifest, tmp_path / "out"))
     assert ours["one"]["status"] == schema.OK
-    assert ours["two"]["status"] == schema.INFER_ERROR
+    assert ours["two"]["status"] == schema.INFER_ERROR, ours["two"]["error"]
     assert ours["two"]["error"] == f"{schema.VLLM_ONE_IMAGE} (this row has 2)"
 
 
