@@ -66,7 +66,8 @@ class Progress:
         self.bar = self.stream.isatty() if bar is None else bar
         self.every_s = BAR_REFRESH_S if self.bar else every_s
         self.lock = threading.RLock()
-        self.total = self.done = self.ok = 0
+        self.total = self.ok = self.outputs = 0
+        self.done = 0.0  # manifest rows finished: a PDF's page rows count a share of their document each
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,10 +81,12 @@ class Progress:
         self._thread = threading.Thread(target=self._tick, name="qwenbatch-progress", daemon=True)
         self._thread.start()
 
-    def add(self, batch: pa.Table) -> None:
+    def add(self, batch: pa.Table, inputs: float | None = None) -> None:
+        """Finished output rows, as written (JSON answers parsed); `inputs`: the manifest rows they finish."""
         statuses = batch.column(schema.STATUS).to_pylist() if schema.STATUS in batch.column_names else []
         with self.lock:
-            self.done += batch.num_rows
+            self.done += batch.num_rows if inputs is None else inputs
+            self.outputs += batch.num_rows
             self.ok += sum(status == schema.OK for status in statuses)
 
     def close(self) -> None:
@@ -115,8 +118,8 @@ class Progress:
                 per_s = self.done / elapsed
                 rate, eta = f"{per_s:.2f}", _duration((self.total - self.done) / per_s)
             text = (
-                f"{self.done}/{self.total} rows{share}, {rate} rows/s, ETA {eta}, ok {self.ok}, "
-                f"errors {self.done - self.ok}, {_duration(elapsed)} elapsed"
+                f"{round(self.done)}/{self.total} rows{share}, {rate} rows/s, ETA {eta}, ok {self.ok}, "
+                f"errors {self.outputs - self.ok}, {_duration(elapsed)} elapsed"
             )
             return text if self.done else text + " (starting the load actors and model replicas)"
 
@@ -124,7 +127,7 @@ class Progress:
         with self.lock:
             text = self.numbers()
             if self.bar:
-                filled = BAR_WIDTH * self.done // self.total if self.total else 0
+                filled = int(BAR_WIDTH * self.done // self.total) if self.total else 0
                 line = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {text}"
                 self.stream.write(f"\r{line[: self._columns() - 1]}\x1b[K")
             else:

@@ -43,6 +43,17 @@ def finalize_batch(batch: pa.Table, *, model: str, task: str, run_id: str, answe
     return batch
 
 
+class BlockCounter(Protocol):
+    def add(self, batch: pa.Table, inputs: float | None = None) -> None: ...
+
+
+def inputs_in(batch: pa.Table) -> float:
+    """The manifest rows a block of output rows finishes: a PDF's page rows share their document's one."""
+    if schema.DOCUMENT_ROWS not in batch.column_names:
+        return batch.num_rows
+    return sum(1.0 if rows is None else 1.0 / rows for rows in batch.column(schema.DOCUMENT_ROWS).to_pylist())
+
+
 @dataclass(frozen=True)
 class ShardLimits:
     """When a shard is written: at `rows` rows, at `bytes` bytes in memory, or when its first row has
@@ -79,9 +90,11 @@ class ShardWriter:
         limits: ShardLimits,
         lease: Lease | None = None,
         answers: Answers | None = None,
+        counter: BlockCounter | None = None,
         **provenance: str,
     ) -> None:
         self.filesystem, self.base = storage.resolve(output)
+        self.counter = counter
         self.id_column = id_column
         self.limits = limits
         self.lease = lease
@@ -134,6 +147,8 @@ class ShardWriter:
                 batch = self.gate.admit(batch) if batch.num_rows else batch
                 if batch.num_rows:
                     table = finalize_batch(batch, **self.finalize)
+                    if self.counter is not None:  # as written: whole documents, JSON answers parsed
+                        self.counter.add(table, inputs_in(batch))
                     since = since if buffer else time.monotonic()
                     buffer.append(table)
                     rows, size = rows + table.num_rows, size + table.nbytes
@@ -159,10 +174,6 @@ class ShardWriter:
         self.stats.append(write_shard(self.filesystem, self.base, table, self.id_column, renew))
 
 
-class BlockCounter(Protocol):
-    def add(self, batch: pa.Table) -> None: ...
-
-
 def write_rows(
     dataset: Any,
     output: OutputConfig,
@@ -172,18 +183,16 @@ def write_rows(
     answers: Answers | None = None,
     **provenance: str,
 ) -> dict[str, Any]:
-    """Every row of the dataset into shards, each block shown to `counter` too; this run's totals.
+    """Every row of the dataset into shards, each block shown to `counter` as it is written; this run's totals.
 
     No dataset: nothing to write, zero totals.
     """
     if dataset is None:
         return merge_stats([])
-    writer = ShardWriter(output.path, id_column, ShardLimits.of(output), lease, answers, **provenance)
+    writer = ShardWriter(output.path, id_column, ShardLimits.of(output), lease, answers, counter, **provenance)
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.put(batch)
-            if counter is not None:
-                counter.add(batch)
     except BaseException:
         writer.close()  # the rows that finished are kept
         raise

@@ -22,6 +22,7 @@ import yaml
 
 from qwenbatch import schema
 from qwenbatch.console import ConsoleHandler, Progress, report_command
+from qwenbatch.write import inputs_in
 from tests.helpers import REPO, job_data, write_images, write_manifest
 
 ROWS = 6
@@ -46,6 +47,29 @@ def test_progress_numbers_and_lines():
     assert len(lines) >= 3 and all(line.startswith("progress: ") for line in lines)
     assert re.fullmatch(
         r"progress: 4/4 rows \(100%\), [0-9.]+ rows/s, ETA 0:00:00, ok 2, errors 2, 0:00:\d\d elapsed", lines[-1]
+    )
+
+
+def test_progress_counts_a_pdfs_pages_as_its_one_manifest_row():
+    """Rows done are manifest rows, as the total is: a 3-page PDF is one of them when its pages are written;
+    ok and errors count the rows written (pages), with JSON answers already parsed."""
+    out = io.StringIO()
+    progress = Progress(out, every_s=60, bar=False)
+    progress.start(2)
+    pages = pa.table(
+        {
+            schema.STATUS: pa.array([schema.OK, schema.PARSE_ERROR, schema.OK], pa.string()),
+            schema.DOCUMENT_ROWS: pa.array([3, 3, 3], pa.int32()),
+        }
+    )
+    progress.add(finalized := pages.drop_columns([schema.DOCUMENT_ROWS]), inputs_in(pages))
+    assert finalized.num_rows == 3 and progress.numbers().startswith("1/2 rows (50%), ")
+    image = pa.table({schema.STATUS: [schema.OK], schema.DOCUMENT_ROWS: pa.array([None], pa.int32())})
+    progress.add(image, inputs_in(image))
+    progress.close()
+    assert re.fullmatch(
+        r"progress: 2/2 rows \(100%\), [0-9.]+ rows/s, ETA 0:00:00, ok 3, errors 1, 0:00:\d\d elapsed",
+        out.getvalue().splitlines()[-1],
     )
 
 
