@@ -32,9 +32,17 @@ from qwenbatch import schema
 from qwenbatch.attempts import AttemptLedger, Guard, die_if_told
 from qwenbatch.config import GenerationConfig, ModelConfig
 from qwenbatch.hub import load_processor, resolve_dtype
-from qwenbatch.infer import InferError, Output, decode_answer, opens_thinking, results_table
+from qwenbatch.infer import (
+    InferError,
+    Output,
+    decode_answer,
+    guarded_results,
+    opens_thinking,
+    publish_timing,
+    results_table,
+)
 from qwenbatch.loaded import image_count, pixels_to_array
-from qwenbatch.rows import column_or_nulls, error_message, ok_mask
+from qwenbatch.rows import column_or_nulls, error_message
 from qwenbatch.timing import ReplicaClock, TimingSink
 
 __all__ = ["EngineDied", "VllmGenerator", "engine_args", "sampling_args", "vllm_versions"]
@@ -226,21 +234,13 @@ class VllmGenerator:
         self.guard = Guard(attempts, "infer")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [index for index, ok in enumerate(ok_mask(batch)) if ok]
-        ids = column_or_nulls(batch, self.id_column)
-        self.clock.call_started(len(rows))
         try:
-            results = self.guard.run(
-                rows,
-                [str(ids[i]) for i in rows],
-                lambda picked: self._generate_rows(batch, picked),
-                died=lambda: InferError(schema.WORKER_DIED_TWICE),
-            )
+            results = guarded_results(batch, self.id_column, self.clock, self.guard, self._generate_rows)
         except EngineDied as exc:
             _exit_replica(exc)
             raise
         finally:
-            self._publish_timing()
+            publish_timing(self.clock, self.timing)
         return results_table(batch, results)
 
     def _generate_rows(self, batch: pa.Table, rows: list[int]) -> dict[int, Output | InferError]:
@@ -284,15 +284,6 @@ class VllmGenerator:
             output_tokens=len(ids),
             finish_reason=completion.finish_reason,
         )
-
-    def _publish_timing(self) -> None:
-        figures = self.clock.call_ended()
-        if self.timing is None:
-            return
-        try:
-            self.timing.publish(figures)
-        except OSError as exc:  # the figures are a report, never a reason to fail rows
-            log.warning("could not write replica timing to %s: %s", self.timing.folder, exc)
 
 
 def _exit_replica(exc: EngineDied) -> None:

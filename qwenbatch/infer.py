@@ -40,6 +40,8 @@ __all__ = [
     "Output",
     "free_cores",
     "plan_batches",
+    "guarded_results",
+    "publish_timing",
     "results_table",
     "split_reasoning",
 ]
@@ -368,18 +370,10 @@ class Generator:
     # --- one block of rows from Ray Data ---------------------------------------------------
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [index for index, ok in enumerate(ok_mask(batch)) if ok]
-        ids = column_or_nulls(batch, self.id_column)
-        self.clock.call_started(len(rows))
         try:
-            results = self.guard.run(
-                rows,
-                [str(ids[i]) for i in rows],
-                lambda picked: self._generate_rows(batch, picked),
-                died=lambda: InferError(schema.WORKER_DIED_TWICE),
-            )
+            results = guarded_results(batch, self.id_column, self.clock, self.guard, self._generate_rows)
         finally:
-            self._publish_timing()
+            publish_timing(self.clock, self.timing)
         return results_table(batch, results)
 
     def _generate_rows(self, batch: pa.Table, rows: list[int]) -> dict[int, Output | InferError]:
@@ -405,14 +399,35 @@ class Generator:
             results.update((rows[g], output) for g, output in zip(group, outputs, strict=True))
         return results
 
-    def _publish_timing(self) -> None:
-        figures = self.clock.call_ended()
-        if self.timing is None:
-            return
-        try:
-            self.timing.publish(figures)
-        except OSError as exc:  # the figures are a report, never a reason to fail rows
-            log.warning("could not write replica timing to %s: %s", self.timing.folder, exc)
+
+def guarded_results(
+    batch: pa.Table,
+    id_column: str,
+    clock: ReplicaClock,
+    guard: Guard,
+    generate_rows: Callable[[pa.Table, list[int]], dict[int, Output | InferError]],
+) -> dict[int, Output | InferError]:
+    """A replica's answers for a block's loaded rows, under its poison-row guard; both engines' one path."""
+    rows = [index for index, ok in enumerate(ok_mask(batch)) if ok]
+    ids = column_or_nulls(batch, id_column)
+    clock.call_started(len(rows))
+    return guard.run(
+        rows,
+        [str(ids[i]) for i in rows],
+        lambda picked: generate_rows(batch, picked),
+        died=lambda: InferError(schema.WORKER_DIED_TWICE),
+    )
+
+
+def publish_timing(clock: ReplicaClock, timing: TimingSink | None) -> None:
+    """End the block's timing and publish the figures; a failure to write them never fails rows."""
+    figures = clock.call_ended()
+    if timing is None:
+        return
+    try:
+        timing.publish(figures)
+    except OSError as exc:
+        log.warning("could not write replica timing to %s: %s", timing.folder, exc)
 
 
 def results_table(batch: pa.Table, results: dict[int, Output | InferError]) -> pa.Table:
