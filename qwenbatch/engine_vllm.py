@@ -32,7 +32,8 @@ from qwenbatch import schema
 from qwenbatch.attempts import AttemptLedger, Guard, die_if_told
 from qwenbatch.config import GenerationConfig, ModelConfig
 from qwenbatch.hub import load_processor, resolve_dtype
-from qwenbatch.infer import (
+from qwenbatch.loaded import image_count, pixels_to_array
+from qwenbatch.outputs import (
     InferError,
     Output,
     decode_answer,
@@ -41,7 +42,6 @@ from qwenbatch.infer import (
     publish_timing,
     results_table,
 )
-from qwenbatch.loaded import image_count, pixels_to_array
 from qwenbatch.rows import column_or_nulls, error_message
 from qwenbatch.timing import ReplicaClock, TimingSink
 

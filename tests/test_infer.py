@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from qwenbatch import schema
 from qwenbatch.config import GenerationConfig, ModelConfig
-from qwenbatch.infer import CoreShare, Generator, free_cores, plan_batches, split_reasoning
+from qwenbatch.infer import CoreShare, Generator, free_cores, plan_batches
+from qwenbatch.outputs import split_reasoning
 from tests.helpers import noise_image
 
 

@@ -15,7 +15,8 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from qwenbatch import schema
 from qwenbatch.config import GenerationConfig, ModelConfig
-from qwenbatch.infer import Generator, decode_answer, opens_thinking, split_reasoning
+from qwenbatch.infer import Generator
+from qwenbatch.outputs import decode_answer, opens_thinking, split_reasoning
 from qwenbatch.pipeline import run
 from qwenbatch.tiny import THINKING_ANSWER, THINKING_REASONING, thinking_script
 from tests.helpers import job_config, read_output, write_images, write_manifest
