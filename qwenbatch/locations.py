@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from qwenbatch import schema
-from qwenbatch.config import PdfConfig, StorageConfig
+from qwenbatch.config import ConfigError, PdfConfig, StorageConfig
 from qwenbatch.rows import RowError
 
 
@@ -23,7 +23,7 @@ class LoadError(RowError):
 class LoadLimits:
     min_pixels: int
     max_pixels: int
-    allowed_prefixes: tuple[str, ...]  # normalised (see `load.allowed_roots`); rows elsewhere are never read
+    allowed_prefixes: tuple[str, ...]  # normalised (see `allowed_roots`); rows elsewhere are never read
     max_bytes: int = schema.DEFAULT_MAX_BYTES
     max_source_pixels: int = schema.DEFAULT_MAX_SOURCE_PIXELS
     formats: tuple[str, ...] = schema.DEFAULT_FORMATS
@@ -82,3 +82,42 @@ def check_location(location: str, limits: LoadLimits) -> str:
         shown = ", ".join(limits.allowed_prefixes[:3]) + (", ..." if len(limits.allowed_prefixes) > 3 else "")
         raise LoadError(f"location is outside image.allowed_prefixes ({shown or 'none'})")
     return location if is_uri(location) else normal
+
+
+def allowed_roots(prefixes: tuple[str, ...] | None, manifests: list[str]) -> tuple[str, ...]:
+    """Normalised allowed prefixes; by default the folders the manifests live in, and below them.
+
+    Runs once on the driver. A manifest location is a file (its folder counts), a folder, or a glob
+    (the folder before the first wildcard counts).
+    """
+    if prefixes is not None:
+        return tuple(_normalise_root(prefix, "image.allowed_prefixes") for prefix in prefixes)
+    roots = []
+    for location in manifests:
+        wildcard = min((location.index(c) for c in "*?[" if c in location), default=None)
+        if wildcard is not None:
+            roots.append(_normalise_root(location[:wildcard].rsplit("/", 1)[0] or "/", "input.path"))
+        elif _is_file(location):
+            roots.append(_normalise_root(location, "input.path").rsplit("/", 1)[0] or "/")
+        else:
+            roots.append(_normalise_root(location, "input.path"))
+    return tuple(dict.fromkeys(roots))
+
+
+def _normalise_root(location: str, key: str) -> str:
+    try:
+        return normalise_location(location)
+    except LoadError as exc:
+        raise ConfigError(f"{key}: {location}: {exc}") from None
+
+
+def _is_file(location: str) -> bool:
+    from pyarrow.fs import FileType
+
+    from qwenbatch.storage import resolve
+
+    try:
+        fs, path = resolve(location)
+        return fs.get_file_info(path).type == FileType.File
+    except (OSError, ValueError):
+        return False

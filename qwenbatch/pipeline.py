@@ -24,8 +24,8 @@ from qwenbatch.hub import require_model
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
 from qwenbatch.lease import Lease
-from qwenbatch.load import Loader, allowed_roots
-from qwenbatch.locations import LoadLimits
+from qwenbatch.load import Loader
+from qwenbatch.locations import LoadLimits, allowed_roots
 from qwenbatch.prompt import prompt_batch
 from qwenbatch.ray_start import init_ray
 from qwenbatch.read import block_rows, open_manifest, read_manifest

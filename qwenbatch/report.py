@@ -23,7 +23,7 @@ import pyarrow.dataset as pads
 
 from qwenbatch import schema, storage
 from qwenbatch.config import JobConfig
-from qwenbatch.load import fetch_bytes, open_checked, to_rgb
+from qwenbatch.decode import fetch_bytes, open_checked, to_rgb
 from qwenbatch.locations import LoadLimits
 from qwenbatch.pipeline import limits_for
 from qwenbatch.report_page import Card, Columns, Facts, ordered_status, render

@@ -21,8 +21,9 @@ from PIL import Image
 
 from qwenbatch import schema
 from qwenbatch.cli import main
+from qwenbatch.decode import EXIF_ORIENTATION, decode, to_rgb
 from qwenbatch.inputs import ManifestError, check_ids
-from qwenbatch.load import EXIF_ORIENTATION, LoadError, LoadLimits, decode, to_rgb
+from qwenbatch.locations import LoadError, LoadLimits
 from qwenbatch.pipeline import run
 from tests.helpers import encode, job_config, noise_image, read_output, write_manifest
 

@@ -17,7 +17,8 @@ import torch
 from qwenbatch import pipeline, schema
 from qwenbatch.config import GenerationConfig, ModelConfig, TaskConfig
 from qwenbatch.infer import Generator
-from qwenbatch.load import Loader, LoadLimits
+from qwenbatch.load import Loader
+from qwenbatch.locations import LoadLimits
 from qwenbatch.prompt import prompt_batch
 from tests.helpers import encode, job_config, noise_image, read_output, write_images, write_manifest
 

@@ -20,7 +20,8 @@ import pytest
 
 from qwenbatch import schema
 from qwenbatch.fetch import fetch, tls_context
-from qwenbatch.load import Loader, LoadError, LoadLimits
+from qwenbatch.load import Loader
+from qwenbatch.locations import LoadError, LoadLimits
 from qwenbatch.pipeline import limits_for, run
 from tests.helpers import encode, job_config, noise_image, read_output, write_manifest
 

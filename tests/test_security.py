@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from qwenbatch import schema
 from qwenbatch.config import ConfigError, ModelConfig
 from qwenbatch.hub import load_model, load_processor
-from qwenbatch.load import Loader, LoadError, LoadLimits, allowed_roots, check_location
+from qwenbatch.load import Loader
+from qwenbatch.locations import LoadError, LoadLimits, allowed_roots, check_location
 from qwenbatch.pipeline import limits_for
 from tests.helpers import encode, job_config, noise_image, write_manifest
 

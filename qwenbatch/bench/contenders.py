@@ -207,8 +207,8 @@ def load_stage(config, paths: list[str]) -> list[dict[str, Any]]:
 
     from PIL import Image
 
+    from qwenbatch.decode import Resizer, fetch_bytes, load_image
     from qwenbatch.hub import load_processor
-    from qwenbatch.load import Resizer, fetch_bytes, load_image
     from qwenbatch.locations import check_location
     from qwenbatch.pipeline import limits_for
 
@@ -247,9 +247,9 @@ def task_table(model_path: str, manifest: Path, mode: Mode, repeats: int = 3) ->
     import pyarrow.parquet as pq
     import torch
 
+    from qwenbatch.decode import Resizer, fetch_bytes, load_image
     from qwenbatch.hub import load_processor
     from qwenbatch.infer import Generator
-    from qwenbatch.load import Resizer, fetch_bytes, load_image
     from qwenbatch.locations import check_location
     from qwenbatch.pipeline import limits_for
     from qwenbatch.prompt import chat_messages, instruction_for
