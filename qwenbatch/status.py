@@ -135,6 +135,16 @@ def busy_lines(busy: dict[str, Any]) -> list[str]:
     return lines
 
 
+def done_inputs(totals: dict[str, Any]) -> int:
+    """Manifest rows the output finishes: a PDF's pages are several output rows and one manifest row."""
+    return round(totals.get("inputs", totals.get("rows", 0)))
+
+
+def page_rows_note(totals: dict[str, Any]) -> str:
+    rows = totals.get("rows", 0)
+    return "" if rows == done_inputs(totals) else f", written as {rows:,} output rows (a row per PDF page)"
+
+
 def format_status(status: RunStatus, now: datetime | None = None) -> str:
     """The table `qwenbatch status` prints."""
     now = now or datetime.now(UTC)
@@ -158,8 +168,9 @@ def format_status(status: RunStatus, now: datetime | None = None) -> str:
     if summary and status.state != RUNNING:
         this_run = summary.get("this_run", {})
         lines.append(
-            f"{'rows':<11}{rows:,} of {summary.get('manifest_rows', 0):,} in the manifest "
-            f"(this run {this_run.get('rows', 0):,}; {summary.get('skipped_done', 0):,} already done)"
+            f"{'rows':<11}{done_inputs(totals):,} of {summary.get('manifest_rows', 0):,} in the manifest "
+            f"(this run {this_run.get('inputs', this_run.get('rows', 0)):,}; "
+            f"{summary.get('skipped_done', 0):,} already done){page_rows_note(totals)}"
         )
         lines.append(
             f"{'throughput':<11}{_rate(this_run.get('images_per_s'), 'images')}, "

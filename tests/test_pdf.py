@@ -16,6 +16,7 @@ from qwenbatch.load import Loader
 from qwenbatch.locations import LoadError
 from qwenbatch.pdf import chosen_pages, opened, render_page
 from qwenbatch.pipeline import limits_for, run
+from qwenbatch.status import format_status, read_status
 from tests.helpers import encode, job_config, noise_image, read_output, write_manifest
 from tests.pdfs import corrupt_pdf, encrypted_pdf, make_pdf, truncated_pdf, zero_page_pdf
 
@@ -211,3 +212,9 @@ def test_pdfs_through_the_pipeline(tmp_path: Path, tiny_model: Path, ray_local, 
     assert again.succeeded and read_output(tmp_path / "out").num_rows == len(got)
     saved = json.loads((tmp_path / "out" / schema.SUMMARY_FILE).read_text())
     assert saved["state"] == "succeeded"
+    # `qwenbatch status` counts manifest rows against the manifest, and says how many rows the pages made.
+    shown = format_status(read_status(str(tmp_path / "out")))
+    assert (
+        f"rows       {len(rows)} of {len(rows)} in the manifest (this run 0; {len(rows)} already done), "
+        f"written as {len(got)} output rows (a row per PDF page)"
+    ) in shown
