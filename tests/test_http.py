@@ -1,4 +1,5 @@
-"""Images over http(s) from a real server on 127.0.0.1: good, slow, missing, redirected, endless, flaky.
+"""Images over http(s) from a real server on 127.0.0.1: good, slow, missing, redirected, endless, flaky;
+and a PDF, a row per page.
 
 One pipeline run proves the row contract for all of them together; the address and TLS rules are
 checked on the real load stage and fetcher in-process, which costs no Ray run.
@@ -24,6 +25,7 @@ from qwenbatch.load import Loader
 from qwenbatch.locations import LoadError, LoadLimits
 from qwenbatch.pipeline import limits_for, run
 from tests.helpers import encode, job_config, noise_image, read_output, write_manifest
+from tests.pdfs import make_pdf
 
 TIMEOUT_S = 0.5
 MAX_BYTES = 100_000
@@ -34,6 +36,7 @@ class Site:
 
     def __init__(self) -> None:
         self.images = {f"/img/{i}.png": encode(noise_image(48 + 8 * i, 40, i), "PNG") for i in range(3)}
+        self.document = make_pdf([(200, 160), (160, 200)], seed=3)
         self.hits: Counter[str] = Counter()
         self.release = threading.Event()  # lets the slow handler go at teardown
         self.lock = threading.Lock()
@@ -57,6 +60,8 @@ def handler_for(site: Site) -> type[BaseHTTPRequestHandler]:
                 hits = site.hits[self.path]
             if self.path in site.images:
                 self.send(200, site.images[self.path], **{"Content-Type": "image/png"})
+            elif self.path == "/doc.pdf":
+                self.send(200, site.document, **{"Content-Type": "application/pdf"})
             elif self.path == "/redirect.png":
                 self.send(302, Location="/img/0.png")
             elif self.path == "/loop.png":
@@ -123,6 +128,7 @@ def test_web_images_each_get_their_row(tiny_model: Path, ray_local, web: tuple[s
         "loop": "/loop.png",
         "endless": "/endless.png",
         "declared-big": "/declared-big.png",
+        "doc": "/doc.pdf",
     }
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": k, "image": base + p} for k, p in paths.items()])
     image = {
@@ -138,8 +144,8 @@ def test_web_images_each_get_their_row(tiny_model: Path, ray_local, web: tuple[s
     print(f"pipeline over {len(paths)} web rows: {time.monotonic() - started:.1f}s")
 
     rows = {row["id"]: row for row in read_output(tmp_path / "out").to_pylist()}
-    assert sorted(rows) == sorted(paths)
-    for key in ("ok-0", "ok-1", "ok-2", "redirected", "flaky"):
+    assert sorted(rows) == sorted([*(key for key in paths if key != "doc"), "doc#p1", "doc#p2"])
+    for key in ("ok-0", "ok-1", "ok-2", "redirected", "flaky", "doc#p1", "doc#p2"):
         assert rows[key]["status"] == schema.OK, rows[key]["error"]
         assert rows[key]["text"] is not None
     expected = {
@@ -156,7 +162,8 @@ def test_web_images_each_get_their_row(tiny_model: Path, ray_local, web: tuple[s
     assert site.hits["/slow.png"] == 2
     assert site.hits["/missing.png"] == 1
     assert site.hits["/loop.png"] == 6  # the request and five redirects
-    assert result.summary["output"]["status"] == {schema.OK: 5, schema.LOAD_ERROR: 5}
+    assert site.hits["/doc.pdf"] == 1  # a document is fetched once for all its pages
+    assert result.summary["output"]["status"] == {schema.OK: 7, schema.LOAD_ERROR: 5}
 
 
 def test_private_addresses_are_refused_by_default(tiny_model: Path, web: tuple[str, Site], tmp_path: Path) -> None:

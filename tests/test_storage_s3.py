@@ -29,6 +29,7 @@ from qwenbatch.load import Loader
 from qwenbatch.pipeline import limits_for, run
 from qwenbatch.read import open_manifest, read_manifest
 from tests.helpers import encode, job_config, moto_s3, noise_image
+from tests.pdfs import make_pdf
 
 # Credentials come from each process's environment, never the config. Set here, at collection,
 # before the session's Ray starts, so that its workers inherit them as a cluster's nodes would.
@@ -38,6 +39,8 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 BUCKET = "photos"
 IMAGES = ["a/0.png", "a/1.jpg", "a/deeper/2.png", "b/3.jpg", "b/4.png", "5.png"]
+DOCUMENT = "docs/form.pdf"  # two pages: two output rows, one manifest row
+PAGES = [f"{DOCUMENT}#p1", f"{DOCUMENT}#p2"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +51,7 @@ def s3() -> Iterator[str]:
         for index, name in enumerate(IMAGES):
             fmt = "PNG" if name.endswith(".png") else "JPEG"
             put(fs, f"{BUCKET}/images/{name}", encode(noise_image(40 + 8 * index, 36, index), fmt))
+        put(fs, f"{BUCKET}/images/{DOCUMENT}", make_pdf([(240, 180), (180, 240)], seed=5))
         put(fs, f"{BUCKET}/images/notes.txt", b"not an image")
         put(fs, f"{BUCKET}/images/.hidden/6.png", encode(noise_image(32, 32, 6), "PNG"))
         yield endpoint
@@ -74,9 +78,9 @@ def test_job_reads_from_and_writes_to_s3_and_resumes_there(
 
     assert first.succeeded
     rows = read_s3_output(s3, "out").to_pylist()
-    assert sorted(row["id"] for row in rows) == sorted(IMAGES)
+    assert sorted(row["id"] for row in rows) == sorted([*IMAGES, *PAGES])
     assert all(row["status"] == schema.OK and row["text"] is not None for row in rows), rows
-    assert {row["image"] for row in rows} == {f"s3://{BUCKET}/images/{name}" for name in IMAGES}
+    assert {row["image"] for row in rows} == {f"s3://{BUCKET}/images/{name}" for name in [*IMAGES, DOCUMENT]}
 
     # A second manifest lands beside the first: the rerun over the folder does only its row.
     fs = pafs.S3FileSystem(endpoint_override=s3)
@@ -85,15 +89,15 @@ def test_job_reads_from_and_writes_to_s3_and_resumes_there(
     put(fs, f"{BUCKET}/manifests/extra.parquet", sink.getvalue().to_pybytes())
     second = run(job_config(tiny_model, f"s3://{BUCKET}/manifests/", output, image=image), force=True)
 
-    assert second.summary["skipped_done"] == len(IMAGES)
+    assert second.summary["skipped_done"] == len(IMAGES) + 1  # the document's pages were done
     assert second.summary["this_run"]["rows"] == 1
     table = read_s3_output(s3, "out")
     ids = table.column("id").to_pylist()
-    assert sorted(ids) == sorted([*IMAGES, "gone"])
+    assert sorted(ids) == sorted([*IMAGES, *PAGES, "gone"])
     gone = next(row for row in table.to_pylist() if row["id"] == "gone")
     assert (gone["status"], gone["error"]) == (schema.LOAD_ERROR, "not found in the object store")
     assert fs.get_file_info(f"{BUCKET}/out/{schema.SUCCESS_FILE}").type == pafs.FileType.File
-    assert second.summary["output"]["status"] == {schema.OK: len(IMAGES), schema.LOAD_ERROR: 1}
+    assert second.summary["output"]["status"] == {schema.OK: len(IMAGES) + len(PAGES), schema.LOAD_ERROR: 1}
 
 
 def test_webdataset_tars_on_s3(ray_local, s3: str, tmp_path: Path) -> None:

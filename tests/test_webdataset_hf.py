@@ -14,6 +14,7 @@ from qwenbatch.inputs import ManifestError
 from qwenbatch.pipeline import run
 from qwenbatch.read import open_manifest, read_manifest
 from tests.helpers import encode, job_config, noise_image, read_output
+from tests.pdfs import make_pdf
 
 GARBAGE = b"this is no image at all, whatever its name says"
 
@@ -53,6 +54,8 @@ def test_webdataset_tars_give_one_row_per_sample(tiny_model: Path, ray_local, tm
             ("s004.png", image(4)),
             ("s004.question.txt", b"What colour is it?"),
             ("s005.txt", b"a caption whose image went missing"),
+            ("s006.pdf", make_pdf([(300, 200), (200, 300)], seed=6)),  # a document: a row per page
+            ("s006.txt", b"a scanned form"),
         ],
     )
     (shards / "README").write_text("not a shard")
@@ -62,8 +65,8 @@ def test_webdataset_tars_give_one_row_per_sample(tiny_model: Path, ray_local, tm
     table = read_output(tmp_path / "out")
     assert schema.IMAGE_BYTES not in table.column_names
     rows = {row["id"]: row for row in table.to_pylist()}
-    assert sorted(rows) == ["nested/s002", "s000", "s001", "s003", "s004", "s005"]
-    for key in ("s000", "s001", "nested/s002", "s004"):
+    assert sorted(rows) == ["nested/s002", "s000", "s001", "s003", "s004", "s005", "s006#p1", "s006#p2"]
+    for key in ("s000", "s001", "nested/s002", "s004", "s006#p1", "s006#p2"):
         assert rows[key]["status"] == schema.OK and rows[key]["text"] is not None, rows[key]
     assert (rows["s003"]["status"], rows["s003"]["error"]) == (schema.LOAD_ERROR, "not a recognised image file")
     assert rows["s005"]["status"] == schema.LOAD_ERROR
@@ -73,7 +76,11 @@ def test_webdataset_tars_give_one_row_per_sample(tiny_model: Path, ray_local, tm
     assert rows["s004"]["question.txt"] == "What colour is it?"
     assert rows["s001"]["json"] is None
     assert rows["s003"][schema.SHARD].endswith("train-001.tar")
-    assert result.summary["output"]["status"] == {schema.OK: 4, schema.LOAD_ERROR: 2}
+    assert [(rows[f"s006#p{p}"][schema.PAGE], rows[f"s006#p{p}"]["txt"]) for p in (1, 2)] == [
+        (1, "a scanned form"),
+        (2, "a scanned form"),
+    ]
+    assert result.summary["output"]["status"] == {schema.OK: 6, schema.LOAD_ERROR: 2}
 
 
 @pytest.mark.parametrize(
