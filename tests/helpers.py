@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+KILL_TIMEOUT_S = 300  # a `qwenbatch run` in its own process: to its first shard, or to its end
 
 # tiny, wide, tall, large and ordinary
 MIXED_SIZES = [(1, 1), (12, 20), (900, 120), (120, 700), (1600, 1200), (320, 240), (240, 320), (64, 64), (500, 333)]
@@ -134,6 +139,69 @@ def start_run(job: Path, log: Path, ray_dir: str, env: dict[str, str] | None = N
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: its Ray goes with it
         )
+
+
+def write_job(path: Path, model: Path, manifest: Path, output: Path, **sections: dict) -> Path:
+    """A YAML job config as a user writes one: the CLI reads it, as it would in a nightly job."""
+    path.write_text(json.dumps(job_data(model, manifest, output, **sections)))  # JSON is YAML
+    return path
+
+
+def ray_processes(marker: str, workers_only: bool = False) -> list[int]:
+    """Processes whose environment carries a run's private Ray temp dir: that job's own.
+
+    `workers_only`: those that run tasks and actors (Ray names them `ray::...`), the ones that could
+    still write a shard; a worker that was only starting when the raylet died exits by itself later.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                if not workers_only or (entry / "cmdline").read_bytes().startswith(b"ray::"):
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for_exit(marker: str, deadline: float, workers_only: bool = False) -> list[int]:
+    """The processes still there at the deadline, each killed then (only ever the killed job's own)."""
+    while (left := ray_processes(marker, workers_only)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@contextmanager
+def private_ray_dirs(count: int) -> Iterator[list[str]]:
+    """Short private Ray temp dirs (Ray's socket paths have a length limit), one per `qwenbatch run`;
+    whatever of those runs is left at the end is killed, and the dirs removed."""
+    dirs = [tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp") for _ in range(count)]
+    try:
+        yield dirs
+    finally:
+        for ray_dir in dirs:
+            wait_for_exit(ray_dir, 0)
+            shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def kill_at_first_shard(job: Path, out: Path, log: Path, ray_dir: str) -> float:
+    """Start `qwenbatch run`, SIGKILL its whole process group once its first shard lands, and see its
+    workers gone: the crash a rerun must recover from. Returns the time of the kill."""
+    run = start_run(job, log, ray_dir)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while not list(out.glob("part-*.parquet")):
+        assert run.poll() is None, f"the job ended before writing a shard:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no shard after {KILL_TIMEOUT_S}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    killed_at = time.monotonic()
+    assert not wait_for_exit(ray_dir, killed_at + 30, workers_only=True), "workers outlived the kill"
+    return killed_at
 
 
 def stop_group(process: subprocess.Popen) -> None:

@@ -4,11 +4,6 @@ shard's index; a run killed mid-way, then rerun, ends with every page exactly on
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,9 +11,16 @@ import pyarrow.parquet as pq
 
 from qwenbatch import schema
 from qwenbatch.documents import DocumentGate, resume_keys
-from tests.helpers import read_output, start_run, write_manifest
+from tests.helpers import (
+    KILL_TIMEOUT_S,
+    kill_at_first_shard,
+    private_ray_dirs,
+    read_output,
+    start_run,
+    write_job,
+    write_manifest,
+)
 from tests.pdfs import make_pdf
-from tests.test_resume import KILL_TIMEOUT_S, wait_for_exit, write_job
 
 DOCUMENTS = 48  # enough that a kill at the first shard lands mid-run
 
@@ -86,17 +88,8 @@ def test_killed_run_then_rerun_writes_every_page_exactly_once(tmp_path: Path, ti
         generation={"max_new_tokens": 16, "min_new_tokens": 16},
         run={"batch_size": 2},
     )
-    first_dir, second_dir = (tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp") for _ in range(2))
-    try:
-        first = start_run(job, log, first_dir)
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        while not list(out.glob("part-*.parquet")):
-            assert first.poll() is None, f"the job ended before writing a shard:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no shard after {KILL_TIMEOUT_S}s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.05)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-        assert not wait_for_exit(first_dir, time.monotonic() + 30, workers_only=True), "workers outlived the kill"
+    with private_ray_dirs(2) as (first_dir, second_dir):
+        kill_at_first_shard(job, out, log, first_dir)
 
         # What the kill left: whole documents only, each in a single shard.
         before = read_output(out)
@@ -110,10 +103,6 @@ def test_killed_run_then_rerun_writes_every_page_exactly_once(tmp_path: Path, ti
 
         second = start_run(job, log, second_dir)
         assert second.wait(timeout=KILL_TIMEOUT_S) == 0, log.read_text()[-3000:]
-    finally:
-        for ray_dir in (first_dir, second_dir):
-            wait_for_exit(ray_dir, 0)
-            shutil.rmtree(ray_dir, ignore_errors=True)
 
     after = read_output(out)
     ids = after.column("id").to_pylist()

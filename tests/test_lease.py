@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from qwenbatch import schema, storage
 from qwenbatch.config import StorageConfig
 from qwenbatch.lease import Holder, Lease, LeaseHeld, LeaseLost
-from tests.helpers import job_data, moto_s3, start_run, stop_group, write_images, write_manifest
+from tests.helpers import job_data, moto_s3, private_ray_dirs, start_run, stop_group, write_images, write_manifest
 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "qwenbatch-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "qwenbatch-test")
@@ -134,14 +133,14 @@ def test_two_runs_started_at_once_on_one_output(where: str, tmp_path: Path, tiny
     output = f"s3://{BUCKET}/{tmp_path.name}/out" if endpoint else str(tmp_path / "out")
     job, ids = write_job(tmp_path, tiny_model, 16, output)
     env = {"AWS_ENDPOINT_URL": endpoint} if endpoint else {}
-    ray_dirs = [tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp") for _ in range(2)]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    runs = [start_run(job, log, ray_dir, env) for log, ray_dir in zip(logs, ray_dirs, strict=True)]
-    try:
-        codes = [run.wait(timeout=JOB_TIMEOUT_S) for run in runs]
-    finally:
-        for run in runs:
-            stop_group(run)
+    with private_ray_dirs(2) as ray_dirs:
+        runs = [start_run(job, log, ray_dir, env) for log, ray_dir in zip(logs, ray_dirs, strict=True)]
+        try:
+            codes = [run.wait(timeout=JOB_TIMEOUT_S) for run in runs]
+        finally:
+            for run in runs:
+                stop_group(run)
     texts = [log.read_text() for log in logs]
     assert sorted(codes) == [0, 1], texts
     loser = texts[codes.index(1)]
@@ -171,38 +170,38 @@ def test_a_frozen_run_resumed_after_its_rerun_writes_nothing(tmp_path: Path, tin
         shard_rows=4,
         generation={"max_new_tokens": 16, "min_new_tokens": 16},
     )
-    ray_dirs = [tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp") for _ in range(2)]
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = start_run(job, first_log, ray_dirs[0])
-    second = None
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        # Frozen between two shards, not inside the publication of one (a temp file, the shard, then its
-        # index): the gap README admits, where a straggler may still publish the shard it had started.
-        while True:
-            assert first.poll() is None, first_log.read_text()[-3000:]
-            assert time.monotonic() < deadline, first_log.read_text()[-3000:]
-            if list(out.glob("part-*.parquet")):
-                os.killpg(first.pid, signal.SIGSTOP)
-                indexed = all((out / schema.INDEX_DIR / p.name).exists() for p in out.glob("part-*.parquet"))
-                temp = f"{schema.TEMP_PREFIX}*"
-                writing = [*out.glob(temp), *(out / schema.INDEX_DIR).glob(temp)]
-                if indexed and not writing:
-                    break
-                os.killpg(first.pid, signal.SIGCONT)
-            time.sleep(0.05)
-        before = set(output_ids(str(out)))
-        assert 0 < len(before) < len(ids)
-        time.sleep(6)  # past the timeout
-        second = start_run(job, second_log, ray_dirs[1])
-        assert second.wait(timeout=JOB_TIMEOUT_S) == 0, second_log.read_text()[-3000:]
-        shards_after_rerun = {p.name: p.stat().st_mtime for p in out.glob("part-*.parquet")}
-        os.killpg(first.pid, signal.SIGCONT)
-        code = first.wait(timeout=JOB_TIMEOUT_S)
-    finally:
-        for run in (first, second):
-            if run is not None:
-                stop_group(run)  # SIGKILL ends a stopped process too
+    with private_ray_dirs(2) as ray_dirs:
+        first = start_run(job, first_log, ray_dirs[0])
+        second = None
+        try:
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            # Frozen between two shards, not inside the publication of one (a temp file, the shard, then its
+            # index): the gap README admits, where a straggler may still publish the shard it had started.
+            while True:
+                assert first.poll() is None, first_log.read_text()[-3000:]
+                assert time.monotonic() < deadline, first_log.read_text()[-3000:]
+                if list(out.glob("part-*.parquet")):
+                    os.killpg(first.pid, signal.SIGSTOP)
+                    indexed = all((out / schema.INDEX_DIR / p.name).exists() for p in out.glob("part-*.parquet"))
+                    temp = f"{schema.TEMP_PREFIX}*"
+                    writing = [*out.glob(temp), *(out / schema.INDEX_DIR).glob(temp)]
+                    if indexed and not writing:
+                        break
+                    os.killpg(first.pid, signal.SIGCONT)
+                time.sleep(0.05)
+            before = set(output_ids(str(out)))
+            assert 0 < len(before) < len(ids)
+            time.sleep(6)  # past the timeout
+            second = start_run(job, second_log, ray_dirs[1])
+            assert second.wait(timeout=JOB_TIMEOUT_S) == 0, second_log.read_text()[-3000:]
+            shards_after_rerun = {p.name: p.stat().st_mtime for p in out.glob("part-*.parquet")}
+            os.killpg(first.pid, signal.SIGCONT)
+            code = first.wait(timeout=JOB_TIMEOUT_S)
+        finally:
+            for run in (first, second):
+                if run is not None:
+                    stop_group(run)  # SIGKILL ends a stopped process too
     second_text, first_text = second_log.read_text(), first_log.read_text()
     assert "took over the lease" in second_text and "not renewed in 5s" in second_text, second_text[-3000:]
     assert code == 1, first_text[-3000:]

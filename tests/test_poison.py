@@ -10,7 +10,6 @@ import faulthandler
 import json
 import multiprocessing
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from qwenbatch import attempts, schema
 from qwenbatch.attempts import AttemptLedger, Guard, die_if_told
-from tests.helpers import job_data, read_output, start_run, stop_group, write_images, write_manifest
+from tests.helpers import job_data, private_ray_dirs, read_output, start_run, stop_group, write_images, write_manifest
 
 GOOD_ROWS = 50
 RUN_BOUND_S = 420  # a run with seven worker deaths on 2 busy cores; without the ledger it never ends
@@ -45,11 +44,12 @@ def test_rows_that_kill_their_worker_end_as_error_rows(tmp_path: Path, tiny_mode
 
     log = tmp_path / "run.log"
     started = time.monotonic()
-    run = start_run(job, log, tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp"), {schema.TEST_DIE_ENV: die_on})
-    try:
-        code = run.wait(timeout=RUN_BOUND_S)
-    finally:
-        stop_group(run)
+    with private_ray_dirs(1) as (ray_dir,):
+        run = start_run(job, log, ray_dir, {schema.TEST_DIE_ENV: die_on})
+        try:
+            code = run.wait(timeout=RUN_BOUND_S)
+        finally:
+            stop_group(run)
     elapsed = time.monotonic() - started
 
     assert code == 0, log.read_text()[-4000:]

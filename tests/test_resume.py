@@ -7,10 +7,6 @@ its whole process group mid-run, and reruns the same command. The other tests sh
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,16 +16,21 @@ from qwenbatch import schema
 from qwenbatch.cli import main
 from qwenbatch.config import load_config
 from qwenbatch.pipeline import TASK_CPUS, VERSIONED, Placement
-from tests.helpers import encode, job_data, noise_image, read_output, start_run, write_images, write_manifest
+from tests.helpers import (
+    KILL_TIMEOUT_S,
+    encode,
+    kill_at_first_shard,
+    noise_image,
+    private_ray_dirs,
+    read_output,
+    start_run,
+    wait_for_exit,
+    write_images,
+    write_job,
+    write_manifest,
+)
 
-KILL_TIMEOUT_S = 300
 ROWS = 96  # enough that a kill at the first shard lands mid-run (shards land a few at a time)
-
-
-def write_job(path: Path, model: Path, manifest: Path, output: Path, **sections: dict) -> Path:
-    """A YAML job config as a user writes one: the CLI reads it, as it would in a nightly job."""
-    path.write_text(json.dumps(job_data(model, manifest, output, **sections)))  # JSON is YAML
-    return path
 
 
 def output_files(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -91,34 +92,6 @@ def test_error_rate_summary_and_reruns(tmp_path: Path, tiny_model: Path, ray_loc
 # --- SIGKILL mid-run, then the same command again --------------------------------------------------
 
 
-def ray_processes(marker: str, workers_only: bool = False) -> list[int]:
-    """Processes whose environment carries a run's private Ray temp dir: that job's own.
-
-    `workers_only`: those that run tasks and actors (Ray names them `ray::...`), the ones that could
-    still write a shard; a worker that was only starting when the raylet died exits by itself later.
-    """
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                if not workers_only or (entry / "cmdline").read_bytes().startswith(b"ray::"):
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def wait_for_exit(marker: str, deadline: float, workers_only: bool = False) -> list[int]:
-    """The processes still there at the deadline, each killed then (only ever the killed job's own)."""
-    while (left := ray_processes(marker, workers_only)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    return left
-
-
 def test_small_local_ray_leaves_a_cpu_for_the_tasks(tmp_path: Path, tiny_model: Path) -> None:
     """On 2 CPUs (the Ray `qwenbatch run` starts below) the actors must not hold both: reads would wait forever."""
     config = load_config(write_job(tmp_path / "job.yaml", tiny_model, tmp_path / "m.parquet", tmp_path / "out"))
@@ -144,19 +117,8 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_m
         generation={"max_new_tokens": 16, "min_new_tokens": 16},
         run={"batch_size": 2},
     )
-    # Private, short Ray temp dirs (Ray's socket paths have a length limit): one per run.
-    first_dir, second_dir = (tempfile.mkdtemp(prefix="qb-ray-", dir="/tmp") for _ in range(2))
-    try:
-        first = start_run(job, log, first_dir)
-        deadline = time.monotonic() + KILL_TIMEOUT_S
-        while not list(out.glob("part-*.parquet")):
-            assert first.poll() is None, f"the job ended before writing a shard:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no shard after {KILL_TIMEOUT_S}s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.05)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-        killed_at = time.monotonic()
-        assert not wait_for_exit(first_dir, killed_at + 30, workers_only=True), "workers outlived the kill"
+    with private_ray_dirs(2) as (first_dir, second_dir):
+        killed_at = kill_at_first_shard(job, out, log, first_dir)
 
         # What a reader sees after the kill: whole shards only, under their final names.
         before = read_output(out)
@@ -175,10 +137,6 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_m
         # Nothing of the killed job outlives it for long: not even workers that were only starting.
         assert not wait_for_exit(first_dir, killed_at + 60), "the killed job left processes behind"
         assert not wait_for_exit(second_dir, time.monotonic() + 60), "a finished job left processes behind"
-    finally:
-        for ray_dir in (first_dir, second_dir):
-            wait_for_exit(ray_dir, 0)
-            shutil.rmtree(ray_dir, ignore_errors=True)
 
     after = read_output(out)
     ids = after.column("id").to_pylist()

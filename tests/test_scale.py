@@ -28,8 +28,7 @@ from qwenbatch.lease import LeaseLost
 from qwenbatch.pipeline import run
 from qwenbatch.read import block_rows, open_manifest, read_units
 from qwenbatch.write import ShardLimits, ShardWriter, finalize_batch
-from tests.helpers import job_config, job_data, read_output, write_images, write_manifest
-from tests.test_resume import wait_for_exit
+from tests.helpers import job_config, job_data, read_output, wait_for_exit, write_images, write_manifest
 
 PROVENANCE = {"model": "m", "task": "caption", "run_id": "run-1"}
 
