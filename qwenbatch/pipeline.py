@@ -12,14 +12,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from qwenbatch import attempts, schema, storage
 from qwenbatch.answers import Answers
 from qwenbatch.attempts import AttemptLedger
-from qwenbatch.config import ConfigError, JobConfig, ProcessConfig, config_snapshot
-from qwenbatch.engine_vllm import VllmGenerator, vllm_versions
+from qwenbatch.config import ConfigError, JobConfig, ProcessConfig
+from qwenbatch.engine_vllm import VllmGenerator
 from qwenbatch.hub import require_model
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
@@ -30,16 +29,9 @@ from qwenbatch.prompt import prompt_batch
 from qwenbatch.ray_start import init_ray
 from qwenbatch.read import block_rows, open_manifest, read_manifest
 from qwenbatch.shards import done_index
+from qwenbatch.summary import build_summary, is_complete, read_summary, withdraw_success, write_summary
 from qwenbatch.timing import TimingSink, busy_summary
-from qwenbatch.write import (
-    is_complete,
-    read_summary,
-    remove_stale_temp,
-    summarize_output,
-    withdraw_success,
-    write_rows,
-    write_summary,
-)
+from qwenbatch.write import remove_stale_temp, write_rows
 
 if TYPE_CHECKING:
     from qwenbatch.console import Progress
@@ -47,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASK_CPUS = 1  # left to the read tasks (one CPU each): actors holding every CPU would stall the job
-VERSIONED = ("qwenbatch", "ray", "transformers", "torch", "torchvision", "pyarrow", "pillow")
 
 
 @dataclass(frozen=True)
@@ -259,16 +250,6 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def versions() -> dict[str, str]:
-    found = {}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
 @dataclass
 class RunResult:
     output: str
@@ -362,48 +343,3 @@ def _run_held(
     timing.remove_all()  # folded into the summary
     attempts.remove_all(output)
     return summary
-
-
-def build_summary(
-    config: JobConfig,
-    manifest: Manifest,
-    run_id: str,
-    started: float,
-    elapsed: float,
-    written: dict[str, Any],
-    todo: int,
-    max_error_rate: float | None,
-) -> dict[str, Any]:
-    totals = summarize_output(config.output.path)
-    errors = totals["rows"] - totals["status"].get(schema.OK, 0)
-    error_rate = errors / totals["rows"] if totals["rows"] else 0.0
-    complete = written["inputs"] == todo and totals["inputs"] >= manifest.rows  # a PDF: one input, many rows
-    if not complete:
-        state = "partial"
-    elif max_error_rate is not None and error_rate > max_error_rate:
-        state = "failed"
-    else:
-        state = "succeeded"
-    return {
-        "run_id": run_id,
-        "state": state,
-        "started": datetime.fromtimestamp(started, UTC).isoformat(),
-        "duration_s": round(elapsed, 3),
-        "manifest_rows": manifest.rows,
-        "skipped_done": manifest.rows - todo,
-        "this_run": {
-            "rows": written["rows"],
-            "inputs": written["inputs"],
-            "status": written["status"],
-            "input_tokens": written["input_tokens"],
-            "output_tokens": written["output_tokens"],
-            "shards": written["shards"],
-            "images_per_s": round(written["rows"] / elapsed, 3) if elapsed else None,
-            "output_tokens_per_s": round(written["output_tokens"] / elapsed, 3) if elapsed else None,
-        },
-        "output": totals,
-        "error_rate": round(error_rate, 6),
-        "max_error_rate": max_error_rate,
-        "config": config_snapshot(config),
-        "versions": versions() | (vllm_versions() if config.model.engine == "vllm" else {}),
-    }

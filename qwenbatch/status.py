@@ -21,8 +21,8 @@ import pyarrow.fs as pafs
 
 from qwenbatch import schema, storage
 from qwenbatch.shards import list_shards
+from qwenbatch.summary import read_summary, summarize_output
 from qwenbatch.timing import busy_summary, live_figures
-from qwenbatch.write import read_summary, summarize_output
 
 RUNNING = "running"
 SUCCEEDED = "succeeded"

@@ -1,8 +1,7 @@
-"""Write stage: the row contract's columns, large shards written from the driver as rows finish, summary."""
+"""Write stage: the row contract's columns, large shards written from the driver as rows finish."""
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -17,7 +16,7 @@ from qwenbatch.answers import Answers
 from qwenbatch.config import OutputConfig
 from qwenbatch.documents import DocumentGate
 from qwenbatch.lease import Lease, LeaseLost
-from qwenbatch.shards import list_shards, merge_stats, read_stats, write_shard
+from qwenbatch.shards import merge_stats, write_shard
 
 QUEUED_BATCHES = 8  # blocks waiting for the writer thread before the pipeline waits for it
 
@@ -218,52 +217,3 @@ def remove_stale_temp(output: str) -> int:
     for path in stale:
         os.remove(path)
     return len(stale)
-
-
-def summarize_output(output: str, top_errors: int = 10) -> dict[str, Any]:
-    """Counts over the whole output (all runs that wrote to it), from its shards' indexes.
-
-    `top_errors` counts each message over the shards that kept it among their most common ones
-    (`schema.STATS_ERRORS_KEPT`), so a message spread thin over many shards may count short.
-    """
-    fs, base = storage.resolve(output)
-    totals = merge_stats(read_stats(fs, list_shards(fs, base)))
-    errors = sorted(totals["errors"].items(), key=lambda item: (-item[1], item[0]))[:top_errors]
-    return {
-        "rows": totals["rows"],
-        "inputs": totals["inputs"],
-        "status": totals["status"],
-        "top_errors": [{"error": e, "count": n} for e, n in errors],
-        "input_tokens": totals["input_tokens"],
-        "output_tokens": totals["output_tokens"],
-    }
-
-
-def write_summary(output: str, summary: dict[str, Any], success: bool) -> None:
-    """The summary first, then `_SUCCESS`: a marker always means a complete, summarised output."""
-    fs, base = storage.resolve(output)
-    storage.write_bytes_atomic(fs, storage.join(base, schema.SUMMARY_FILE), json.dumps(summary, indent=2).encode())
-    if success:
-        storage.write_bytes_atomic(fs, storage.join(base, schema.SUCCESS_FILE), b"")
-
-
-def read_summary(output: str) -> dict[str, Any] | None:
-    fs, base = storage.resolve(output)
-    path = storage.join(base, schema.SUMMARY_FILE)
-    if not storage.exists(fs, path):
-        return None
-    with fs.open_input_stream(path) as handle:
-        return json.loads(handle.read())
-
-
-def is_complete(output: str) -> bool:
-    fs, base = storage.resolve(output)
-    return storage.exists(fs, storage.join(base, schema.SUCCESS_FILE))
-
-
-def withdraw_success(output: str) -> None:
-    """A forced run that adds rows withdraws `_SUCCESS` first: if it dies, the next run must not skip."""
-    fs, base = storage.resolve(output)
-    path = storage.join(base, schema.SUCCESS_FILE)
-    if storage.exists(fs, path):
-        fs.delete_file(path)

@@ -25,7 +25,7 @@ from qwenbatch import cli, demo, pipeline, report, schema, storage
 from qwenbatch.config import StorageConfig
 from qwenbatch.report_svg import display_text
 from qwenbatch.status import read_status
-from qwenbatch.write import summarize_output
+from qwenbatch.summary import summarize_output
 from tests.helpers import encode, moto_s3, noise_image, read_output
 
 CHROMIUM = "/usr/bin/chromium"

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 from qwenbatch import schema
 from qwenbatch.cli import main
 from qwenbatch.config import load_config
-from qwenbatch.pipeline import TASK_CPUS, VERSIONED, Placement
+from qwenbatch.pipeline import TASK_CPUS, Placement
+from qwenbatch.summary import VERSIONED
 from tests.helpers import (
     KILL_TIMEOUT_S,
     encode,
