@@ -141,6 +141,30 @@ def start_run(job: Path, log: Path, ray_dir: str, env: dict[str, str] | None = N
         )
 
 
+class PlainTransformers:
+    """What the fidelity tests compare with: the plain processor + greedy `generate`, one prompt at a time,
+    its images given in the prompt's order before the text."""
+
+    def __init__(self, model: Path) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model)
+        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
+
+    def answer(self, images: list, text: str, size: dict[str, int], max_new_tokens: int) -> str:
+        import torch
+
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        chat = self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        inputs = self.processor(text=[chat], images=images, return_tensors="pt", size=size)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return self.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
 def write_job(path: Path, model: Path, manifest: Path, output: Path, **sections: dict) -> Path:
     """A YAML job config as a user writes one: the CLI reads it, as it would in a nightly job."""
     path.write_text(json.dumps(job_data(model, manifest, output, **sections)))  # JSON is YAML

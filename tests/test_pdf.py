@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import torch
 
 from qwenbatch import schema
 from qwenbatch.config import PdfConfig
@@ -17,7 +16,7 @@ from qwenbatch.locations import LoadError
 from qwenbatch.pdf import chosen_pages, opened, render_page
 from qwenbatch.pipeline import limits_for, run
 from qwenbatch.status import format_status, read_status
-from tests.helpers import encode, job_config, noise_image, read_output, write_manifest
+from tests.helpers import PlainTransformers, encode, job_config, noise_image, read_output, write_manifest
 from tests.pdfs import corrupt_pdf, encrypted_pdf, make_pdf, truncated_pdf, zero_page_pdf
 
 MAX_NEW_TOKENS = 8
@@ -130,23 +129,9 @@ def test_page_choice_and_formats_in_the_load_stage(tmp_path: Path, tiny_model: P
 
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path):
-    """The plain transformers call, one prompt at a time, on given PIL images (a rendered page, or several)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_model)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
-
-    def answer(images: list, text: str, budget: dict = BUDGET) -> str:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        chat = processor.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-        inputs = processor(text=[chat], images=images, return_tensors="pt", size=budget)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-    return answer
+    """The plain transformers call on given PIL images (a rendered page), at the pipeline's pixel budget."""
+    plain = PlainTransformers(tiny_model)
+    return lambda images, text: plain.answer(images, text, BUDGET, MAX_NEW_TOKENS)
 
 
 def test_pdfs_through_the_pipeline(tmp_path: Path, tiny_model: Path, ray_local, reference) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from qwenbatch import schema
 from qwenbatch.pdf import opened, render_page
 from qwenbatch.pipeline import run
-from tests.helpers import encode, job_config, noise_image, read_output, write_manifest
+from tests.helpers import PlainTransformers, encode, job_config, noise_image, read_output, write_manifest
 from tests.pdfs import make_pdf
 
 MAX_NEW_TOKENS = 8
@@ -22,23 +21,11 @@ TOTAL = 32 * 32 * 96  # image.max_total_pixels here: three images get 32 tokens 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(tiny_model)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
-
-    def answer(images: list[Image.Image], text: str, max_pixels: int) -> str:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        chat = processor.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-        size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
-        inputs = processor(text=[chat], images=images, return_tensors="pt", size=size)
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-    return answer
+    """The plain transformers call on given PIL images, each at the pixel budget given."""
+    plain = PlainTransformers(tiny_model)
+    return lambda images, text, max_pixels: plain.answer(
+        images, text, {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}, MAX_NEW_TOKENS
+    )
 
 
 def test_several_images_in_one_prompt(tmp_path: Path, tiny_model: Path, ray_local, reference) -> None:
