@@ -171,6 +171,19 @@ def write_job(path: Path, model: Path, manifest: Path, output: Path, **sections:
     return path
 
 
+def write_killable_job(path: Path, model: Path, manifests: Path, output: Path, allowed: Path) -> Path:
+    """A job slow enough (16 new tokens a row, batches of 2) that a kill at its first shard lands mid-run."""
+    return write_job(
+        path,
+        model,
+        manifests,
+        output,
+        image={"allowed_prefixes": [str(allowed)]},
+        generation={"max_new_tokens": 16, "min_new_tokens": 16},
+        run={"batch_size": 2},
+    )
+
+
 def ray_processes(marker: str, workers_only: bool = False) -> list[int]:
     """Processes whose environment carries a run's private Ray temp dir: that job's own.
 

@@ -17,7 +17,7 @@ from tests.helpers import (
     private_ray_dirs,
     read_output,
     start_run,
-    write_job,
+    write_killable_job,
     write_manifest,
 )
 from tests.pdfs import make_pdf
@@ -79,15 +79,7 @@ def test_killed_run_then_rerun_writes_every_page_exactly_once(tmp_path: Path, ti
         names = [f"doc{i:02d}" for i in range(4 * part, 4 * part + 4)]
         rows = [{"id": n, "image": str(job_dir / "docs" / f"{n}.pdf")} for n in names]
         write_manifest(job_dir / "manifests" / f"m{part}.parquet", rows)
-    job = write_job(
-        tmp_path / "job.yaml",
-        tiny_model,
-        job_dir / "manifests",
-        out,
-        image={"allowed_prefixes": [str(job_dir / "docs")]},
-        generation={"max_new_tokens": 16, "min_new_tokens": 16},
-        run={"batch_size": 2},
-    )
+    job = write_killable_job(tmp_path / "job.yaml", tiny_model, job_dir / "manifests", out, job_dir / "docs")
     with private_ray_dirs(2) as (first_dir, second_dir):
         kill_at_first_shard(job, out, log, first_dir)
 

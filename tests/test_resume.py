@@ -28,6 +28,7 @@ from tests.helpers import (
     wait_for_exit,
     write_images,
     write_job,
+    write_killable_job,
     write_manifest,
 )
 
@@ -109,15 +110,7 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(tmp_path: Path, tiny_m
     for part in range(ROWS // 4):  # many manifest files: many blocks, so shards land one by one
         chunk = paths[part * 4 : (part + 1) * 4]
         write_manifest(job_dir / "manifests" / f"m{part:02d}.parquet", [{"id": p.stem, "image": str(p)} for p in chunk])
-    job = write_job(
-        tmp_path / "job.yaml",
-        tiny_model,
-        job_dir / "manifests",
-        out,
-        image={"allowed_prefixes": [str(job_dir / "images")]},
-        generation={"max_new_tokens": 16, "min_new_tokens": 16},
-        run={"batch_size": 2},
-    )
+    job = write_killable_job(tmp_path / "job.yaml", tiny_model, job_dir / "manifests", out, job_dir / "images")
     with private_ray_dirs(2) as (first_dir, second_dir):
         killed_at = kill_at_first_shard(job, out, log, first_dir)
 
