@@ -137,7 +137,7 @@ def busy_lines(busy: dict[str, Any]) -> list[str]:
 
 def done_inputs(totals: dict[str, Any]) -> int:
     """Manifest rows the output finishes: a PDF's pages are several output rows and one manifest row."""
-    return round(totals.get("inputs", totals.get("rows", 0)))
+    return totals.get("inputs", totals.get("rows", 0))  # summaries from before PDFs have no inputs
 
 
 def page_rows_note(totals: dict[str, Any]) -> str:
