@@ -35,12 +35,11 @@ class DocumentGate:
             return batch
         documents = column_or_nulls(batch, schema.DOCUMENT)
         expected = column_or_nulls(batch, schema.DOCUMENT_ROWS)
-        ready = [pc.is_null(batch.column(schema.DOCUMENT))]
         rows_of: dict[str, list[int]] = defaultdict(list)
         for index, document in enumerate(documents):
             if document is not None:
                 rows_of[document].append(index)
-        parts = [batch.filter(ready[0])]
+        parts = [batch.filter(pc.is_null(batch.column(schema.DOCUMENT)))]
         for document, rows in rows_of.items():
             self.held[document].append(batch.take(pa.array(rows, pa.int64())))
             self.counts[document] += len(rows)
