@@ -202,6 +202,13 @@ class OutputConfig(_Section):
         le=86_400,
         description="... or when its first row has waited this long (the first shard of a run: 30 s at most)",
     )
+    max_error_rate: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="a run ends failed (exit 1, no _SUCCESS) when more than this share of the output's rows are "
+        "errors: a configuration problem, not a few bad images; 1: never",
+    )
 
 
 class PdfConfig(_Section):

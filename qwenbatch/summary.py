@@ -86,7 +86,6 @@ def build_summary(
     elapsed: float,
     written: dict[str, Any],
     todo: int,
-    max_error_rate: float | None,
 ) -> dict[str, Any]:
     from qwenbatch.engine_vllm import vllm_versions  # the vLLM engine's module, only for its runs' summaries
 
@@ -96,7 +95,7 @@ def build_summary(
     complete = written["inputs"] == todo and totals["inputs"] >= manifest.rows  # a PDF: one input, many rows
     if not complete:
         state = "partial"
-    elif max_error_rate is not None and error_rate > max_error_rate:
+    elif error_rate > config.output.max_error_rate:
         state = "failed"
     else:
         state = "succeeded"
@@ -119,7 +118,7 @@ def build_summary(
         },
         "output": totals,
         "error_rate": round(error_rate, 6),
-        "max_error_rate": max_error_rate,
+        "max_error_rate": config.output.max_error_rate,
         "config": config_snapshot(config),
         "versions": versions() | (vllm_versions() if config.model.engine == "vllm" else {}),
     }
