@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qwenbatch.config import ConfigError, JobConfig, StorageConfig, load_config
 from qwenbatch.console import DEFAULT_EVERY_S, ConsoleHandler, Progress, quiet_ray, report_command
+from qwenbatch.dates import parse_date, with_date
 from qwenbatch.inputs import ManifestError
 from qwenbatch.lease import LeaseHeld, LeaseLost
 
@@ -34,14 +35,18 @@ def _print_summary(output: str, summary: dict) -> None:
     )
     for item in totals.get("top_errors", [])[:5]:
         print(f"  {item['count']:>6} x {item['error']}")
+    if summary.get("state") == "failed":
+        print(
+            f"  failed: {summary.get('error_rate', 0):.0%} of the output's rows are errors, more than "
+            f"output.max_error_rate ({summary.get('max_error_rate', 0):.0%}) allows; the most common is above. "
+            "Fix its cause, then run again with --retry-errors"
+        )
     print(f"  report: {report_command(output)}")
 
 
-def _job_config(args: argparse.Namespace) -> JobConfig:
-    """The validated config with `--date` rendered into its paths, after the overrides."""
-    from qwenbatch.dates import parse_date, with_date
-
-    return with_date(load_config(args.config, args.overrides), parse_date(args.date))
+def _job_config(args: argparse.Namespace, *more: str) -> JobConfig:
+    """The validated config with `--date` rendered into its paths, after the overrides (and `more` of them)."""
+    return with_date(load_config(args.config, [*args.overrides, *more]), parse_date(args.date))
 
 
 def _progress(args: argparse.Namespace) -> Progress:
@@ -51,12 +56,18 @@ def _progress(args: argparse.Namespace) -> Progress:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from qwenbatch.pipeline import run
+    from qwenbatch.retry import parse_statuses
 
-    config = _job_config(args)
+    limit = [f"output.max_error_rate={args.max_error_rate}"] if args.max_error_rate is not None else []
+    config = _job_config(args, *limit)
+    retry_errors = parse_statuses(args.retry_errors) if args.retry_errors else ()
     quiet_ray(args.verbose)
-    result = run(config, force=args.force, max_error_rate=args.max_error_rate, progress=_progress(args))
+    result = run(config, force=args.force, retry_errors=retry_errors, progress=_progress(args))
     if result.skipped:
-        print(f"already complete: {result.output} (pass --force to run it again)")
+        totals = result.summary.get("output", {})
+        errors = totals.get("rows", 0) - totals.get("status", {}).get("ok", 0)
+        again = f"{errors} are errors: pass --retry-errors to run them again" if errors else "none are errors"
+        print(f"already complete: {result.output} (every manifest row is done; {again})")
         print(f"  report: {report_command(result.output)}")
         return 0
     _print_summary(result.output, result.summary)
@@ -170,9 +181,24 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job on the current Ray cluster (or a local one)")
     run.add_argument("config", help="YAML job config")
     run.add_argument("overrides", nargs="*", help="key.path=value, e.g. run.batch_size=4")
-    run.add_argument("--force", action="store_true", help="run even if the output is already complete")
     run.add_argument(
-        "--max-error-rate", type=float, default=None, help="exit non-zero when more than this share of rows failed"
+        "--force", action="store_true", help="run even when the output is complete (a new summary; rows done stay)"
+    )
+    run.add_argument(
+        "--retry-errors",
+        nargs="?",
+        const="all",
+        metavar="STATUSES",
+        help="run the rows whose output row is an error again, each new row replacing its old one; "
+        "optionally only some statuses: --retry-errors=load_error,infer_error",
+    )
+    run.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="the run fails (exit 1) when more than this share of the output's rows are errors "
+        "(output.max_error_rate, default 0.5; 1: never)",
     )
     run.add_argument("--date", help=DATE_HELP)
     _console_options(run)

@@ -88,3 +88,21 @@ def resume_keys(table: pa.Table, id_column: str) -> tuple[pa.Array, int]:
             page_rows -= 1
     keys = pa.concat_arrays([ids, pa.array(sorted(documents), pa.string())])
     return keys, table.num_rows - page_rows + len(documents)
+
+
+def manifest_ids(table: pa.Table, id_column: str) -> pa.Array:
+    """Each row's manifest id: a page row's is its document's, before and after the writer finalizes it.
+
+    Before: the `_document` column says it. After (a written shard): a page row's id is `<document>#p<page>`.
+    """
+    ids = pc.cast(table.column(id_column), pa.string()).combine_chunks()
+    if schema.DOCUMENT in table.column_names:
+        return pc.coalesce(pc.cast(table.column(schema.DOCUMENT), pa.string()).combine_chunks(), ids)
+    if schema.PAGE not in table.column_names or table.column(schema.PAGE).null_count == table.num_rows:
+        return ids
+    values = ids.to_pylist()
+    for row, page in enumerate(table.column(schema.PAGE).to_pylist()):
+        suffix = f"{schema.PAGE_ID_SEPARATOR}{page}"
+        if page is not None and values[row].endswith(suffix):
+            values[row] = values[row][: -len(suffix)]
+    return pa.array(values, pa.string())

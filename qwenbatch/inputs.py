@@ -34,6 +34,7 @@ class Manifest:
     columns: list[str]
     file_groups: tuple[tuple[int, ...], ...]  # rows per Parquet row group of each file; one group per tar or Arrow file
     ids: SortedIds  # every id's hash and row number (rows counted across files, in order)
+    roots: tuple[str, ...] = ()  # the folders `qwenbatch manifest` walked to write these manifests
 
     @property
     def file_rows(self) -> tuple[int, ...]:
@@ -106,24 +107,16 @@ class Todo:
     keep: tuple[np.ndarray | None, ...]  # per file: None for every row, else a bool mask of its rows
 
 
-def find_todo(manifest: Manifest, done: DoneIds) -> Todo:
-    """Rows of the manifest whose ids the output does not hold, one part of the hash range at a time.
+def find_todo(manifest: Manifest, done: DoneIds, redo: DoneIds | None = None) -> Todo:
+    """Rows of the manifest whose ids the output does not hold, or that `redo` names (a retry's errors).
 
-    The parts are as fine as the larger of the two sets needs, so neither is ever whole in memory.
+    One part of the hash range at a time, the parts as fine as the larger set needs, so neither set is
+    ever whole in memory.
     """
     todo = np.ones(manifest.rows, bool)
-    if done.rows:
-        bits = max(manifest.ids.bits, part_bits(done.rows))
-        have = done.sorted(bits)
-        split = 2 ** (bits - manifest.ids.bits)  # done parts per manifest part
-        for index, part in manifest.ids:
-            for sub in range(split):
-                low, high = part_range(index * split + sub, bits)
-                first = np.searchsorted(part.hashes.hi, np.uint64(low), side="left")
-                keys = part.slice(first, np.searchsorted(part.hashes.hi, np.uint64(high), side="right"))
-                if len(keys):
-                    todo[keys.row[have.part(index * split + sub).hashes.contains(keys.hashes)]] = False
-        have.close()
+    _mark(manifest, done, todo, False)
+    if redo is not None:
+        _mark(manifest, redo, todo, True)
     manifest.ids.close()
     keep: list[np.ndarray | None] = []
     start = 0
@@ -132,3 +125,20 @@ def find_todo(manifest: Manifest, done: DoneIds) -> Todo:
         keep.append(None if mask.all() else mask.copy())
         start += rows
     return Todo(rows=int(todo.sum()), keep=tuple(keep))
+
+
+def _mark(manifest: Manifest, found: DoneIds, todo: np.ndarray, value: bool) -> None:
+    """Set `todo` to `value` on the manifest rows whose ids `found` holds."""
+    if not found.rows:
+        return
+    bits = max(manifest.ids.bits, part_bits(found.rows))
+    have = found.sorted(bits)
+    split = 2 ** (bits - manifest.ids.bits)  # found parts per manifest part
+    for index, part in manifest.ids:
+        for sub in range(split):
+            low, high = part_range(index * split + sub, bits)
+            first = np.searchsorted(part.hashes.hi, np.uint64(low), side="left")
+            keys = part.slice(first, np.searchsorted(part.hashes.hi, np.uint64(high), side="right"))
+            if len(keys):
+                todo[keys.row[have.part(index * split + sub).hashes.contains(keys.hashes)]] = value
+    have.close()

@@ -121,3 +121,32 @@ def _is_file(location: str) -> bool:
         return fs.get_file_info(path).type == FileType.File
     except (OSError, ValueError):
         return False
+
+
+def check_locations(locations: list[str], allowed: tuple[str, ...]) -> None:
+    """Before a run: when none of a sample of its rows lies under the allowed prefixes, that is the config's
+    problem, not each row's, so it is one ConfigError naming the folders to allow, not a run of load errors.
+
+    Some rows outside stay those rows' load errors: a manifest may mix in a few it must not read.
+    """
+    outside = []
+    for location in locations:
+        try:
+            normal = normalise_location(location)
+        except LoadError:
+            return  # a malformed location is its row's error
+        if any(is_under(normal, prefix) for prefix in allowed):
+            return
+        outside.append(normal)
+    if not outside:
+        return
+    folders = list(dict.fromkeys(location.rsplit("/", 1)[0] or "/" for location in outside))
+    local = [folder for folder in folders if not is_uri(folder)]
+    if len(local) == len(folders) and len(folders) > 1 and os.path.commonpath(folders) != "/":
+        folders = [os.path.commonpath(folders)]
+    shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+    raise ConfigError(
+        f"image.allowed_prefixes: the manifest's images lie outside the folders rows may read "
+        f"({', '.join(allowed) or 'none'}): allow them with image.allowed_prefixes=[{shown}], or make the "
+        f"manifest with `qwenbatch manifest FOLDER OUT.parquet`, which records its folder"
+    )

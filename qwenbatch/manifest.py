@@ -6,6 +6,7 @@ import pyarrow as pa
 
 from qwenbatch import schema, storage
 from qwenbatch.inputs import ManifestError
+from qwenbatch.locations import normalise_location
 
 
 def build_manifest(location: str) -> pa.Table:
@@ -24,13 +25,17 @@ def build_manifest(location: str) -> pa.Table:
     if not entries:
         raise ManifestError(f"{location}: no image files ({', '.join(schema.IMAGE_SUFFIXES)}) found")
     ids = [entry.path[len(root) :].lstrip("/") or entry.base_name for entry in entries]
-    return pa.table(
+    table = pa.table(
         {
             schema.ID: pa.array(ids, pa.string()),
             schema.IMAGE: pa.array([prefix + entry.path for entry in entries], pa.string()),
             schema.SIZE: pa.array([entry.size for entry in entries], pa.int64()),
         }
     )
+    # The folder walked, as the prefix check compares it: a run over this manifest may read there
+    # (`pipeline.with_recorded_roots`) wherever the manifest itself is written.
+    walked = normalise_location(prefix + root if prefix else root)
+    return table.replace_schema_metadata({schema.MANIFEST_ROOT_KEY: walked.encode()})
 
 
 def write_manifest(location: str, output: str) -> pa.Table:

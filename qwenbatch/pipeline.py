@@ -7,6 +7,7 @@ The CLI, the Ray job entrypoints, the demo and the benchmark all call `run`; `ru
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -14,20 +15,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from qwenbatch import attempts, schema, storage
+from qwenbatch import attempts, retry, schema, storage
 from qwenbatch.answers import Answers
 from qwenbatch.attempts import AttemptLedger
 from qwenbatch.config import ConfigError, JobConfig, ProcessConfig
+from qwenbatch.console import QUIET_ENV
 from qwenbatch.engine_vllm import VllmGenerator
 from qwenbatch.hub import require_model
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
 from qwenbatch.lease import Lease
 from qwenbatch.load import Loader
-from qwenbatch.locations import LoadLimits, allowed_roots
+from qwenbatch.locations import LoadLimits, allowed_roots, check_locations
 from qwenbatch.prompt import prompt_batch
 from qwenbatch.ray_start import init_ray
-from qwenbatch.read import block_rows, open_manifest, read_manifest
+from qwenbatch.read import block_rows, open_manifest, read_manifest, sample_locations
 from qwenbatch.shards import done_index
 from qwenbatch.summary import build_summary, is_complete, read_summary, withdraw_success, write_summary
 from qwenbatch.timing import TimingSink, busy_summary
@@ -53,6 +55,7 @@ class Stage:
     batch_size: int | None = schema.MIN_BLOCK_ROWS
     kwargs: dict[str, Any] = field(default_factory=dict)
     calls_per_actor: int = 1  # blocks an actor works on at once, in threads of its own
+    env: dict[str, str] = field(default_factory=dict)  # environment variables of its workers
 
     def compute(self) -> Any:
         """Actors for a class (Ray Data restarts dead ones and retries their batches), tasks otherwise."""
@@ -75,6 +78,7 @@ class Stage:
             compute=self.compute(),
             fn_constructor_kwargs=self.kwargs if is_class else None,
             fn_kwargs=None if is_class else self.kwargs,
+            **({"runtime_env": {"env_vars": self.env}} if self.env else {}),
         )
 
 
@@ -149,6 +153,19 @@ def limits_for(config: ProcessConfig) -> LoadLimits:
     )
 
 
+def with_recorded_roots(config: JobConfig, manifest: Manifest) -> JobConfig:
+    """A manifest written by `qwenbatch manifest` names the folder it walked: its rows may be read there too.
+
+    Only when `image.allowed_prefixes` is not set; manifests without that record get nothing more.
+    """
+    if config.image.allowed_prefixes is not None or not manifest.roots:
+        return config
+    allowed = (*allowed_roots(None, config.input.paths()), *manifest.roots)
+    log.info("images allowed under %s (the manifests' folders and the folders they were made for)", allowed)
+    image = config.image.model_copy(update={"allowed_prefixes": tuple(dict.fromkeys(allowed))})
+    return config.model_copy(update={"image": image})
+
+
 def build_stages(
     config: ProcessConfig,
     placement: Placement,
@@ -193,6 +210,7 @@ def build_stages(
             concurrency=config.run.replicas,
             batch_size=config.run.batch_size * schema.SORT_WINDOW_BATCHES,
             calls_per_actor=schema.REPLICA_CONCURRENT_BLOCKS,
+            env={name: os.environ[name] for name in QUIET_ENV if name in os.environ},
             kwargs={
                 "model": model,
                 "generation": config.generation,
@@ -272,27 +290,46 @@ def run(
     config: JobConfig,
     *,
     force: bool = False,
+    retry_errors: tuple[str, ...] = (),
     max_error_rate: float | None = None,
     load: ModelLoader | None = None,
     progress: Progress | None = None,
 ) -> RunResult:
     """Run the job to completion over whatever the output does not hold yet.
 
+    `retry_errors`: statuses whose rows are done again, each new row replacing its error row (`retry`).
+    `max_error_rate`: instead of `output.max_error_rate`.
     `load` replaces `hub.load_model` in the replicas; only the benchmark's simulated GPU passes one.
     `progress` is told the rows to do and each finished block (the command line's progress bar).
     """
     output = config.output.path
     storage.configure(config.storage)  # this process resolves manifest and output URIs with it
-    if is_complete(output) and not force:
-        log.warning("%s is already complete (_SUCCESS); skipping. Pass --force to run it again.", output)
+    if not force and is_complete(output) and not pending(config, retry_errors):
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
 
     require_model(config.model)  # a checkpoint no replica could get: one line now, before Ray starts
     manifest = open_manifest(config.input)  # job-level errors surface here, before Ray starts
+    config = with_recorded_roots(config, manifest)
+    check_locations(sample_locations(manifest, config.input), limits_for(config).allowed_prefixes)
+    if max_error_rate is not None:
+        config = config.model_copy(update={"output": config.output.model_copy()})
+        config.output.max_error_rate = max_error_rate  # validated on assignment
     run_id = new_run_id()
     with Lease.acquire(output, run_id, config.run.lease_timeout_s) as lease:  # before anything is written
-        summary = _run_held(config, manifest, run_id, lease, max_error_rate, load, progress)
+        summary = _run_held(config, manifest, run_id, lease, retry_errors, load, progress)
     return RunResult(output=output, summary=summary)
+
+
+def pending(config: JobConfig, retry_errors: tuple[str, ...]) -> bool:
+    """Whether a complete output still has work: manifest rows it lacks (a grown manifest), or errors to retry.
+
+    Reads the manifest's ids and the output's indexes, never a shard's rows unless errors are retried.
+    """
+    output = config.output.path
+    if retry_errors and retry.plan_retry(output, config.input.id_column, retry_errors).rows:
+        return True
+    manifest = open_manifest(config.input)
+    return find_todo(manifest, done_index(output, config.input.id_column)).rows > 0
 
 
 def _run_held(
@@ -300,43 +337,51 @@ def _run_held(
     manifest: Manifest,
     run_id: str,
     lease: Lease,
-    max_error_rate: float | None,
+    retry_errors: tuple[str, ...],
     load: ModelLoader | None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """The run proper, while it holds the output's lease; its summary."""
-    output = config.output.path
+    output, id_column = config.output.path, config.input.id_column
     if removed := remove_stale_temp(output):
         log.info("removed %d temp files a killed run left in %s", removed, output)
-    todo = find_todo(manifest, done_index(output, config.input.id_column))
+    retry.recover(output, id_column, lease.ensure_held)  # a retry killed while swapping its rows in
+    done = done_index(output, id_column)
+    plan = retry.plan_retry(output, id_column, retry_errors) if retry_errors else None
+    todo = find_todo(manifest, done, plan.keys if plan else None)
     started = time.time()
     log.info(
-        "run %s: %d manifest rows, %d already done, %d to process",
+        "run %s: %d manifest rows, %d already done, %d to process%s",
         run_id,
         manifest.rows,
         manifest.rows - todo.rows,
         todo.rows,
+        f" ({plan.rows} error rows of {', '.join(plan.statuses)} again)" if plan else "",
     )
 
-    written = write_rows(None, config.output, config.input.id_column)
+    written = write_rows(None, config.output, id_column)
     if todo.rows:
-        withdraw_success(output)  # a forced run over a grown manifest: not complete until it says so
+        withdraw_success(output)  # a run over a grown manifest or a retry: not complete until it says so
         ensure_ray()
-        plan = Plan.for_cluster(config, run_id, todo.rows, load)
-        dataset = apply_stages(read_manifest(manifest, config.input, todo, plan.rows_per_block), config, plan)
+        stages = Plan.for_cluster(config, run_id, todo.rows, load)
+        dataset = apply_stages(read_manifest(manifest, config.input, todo, stages.rows_per_block), config, stages)
         provenance = {"model": config.model.name, "task": config.task.kind, "run_id": run_id}
         if progress is not None:
             progress.start(todo.rows)
-        answers = Answers.of(config.task)
+        retried = (plan, retry.staging(output, run_id)) if plan and plan.rows else None
         try:  # the shard writer finalizes the rows as `process` does, on the driver: no operator more
-            written = write_rows(dataset, config.output, config.input.id_column, lease, progress, answers, **provenance)
+            written = write_rows(
+                dataset, config.output, id_column, lease, progress, Answers.of(config.task), retried, **provenance
+            )
         finally:
             if progress is not None:
                 progress.close()
+        if retried:
+            retry.commit(output, run_id, plan.shards, id_column, lease.ensure_held)
 
     elapsed = time.time() - started
     timing = TimingSink.for_run(output, run_id)
-    summary = build_summary(config, manifest, run_id, started, elapsed, written, todo.rows, max_error_rate)
+    summary = build_summary(config, manifest, run_id, started, elapsed, written, todo.rows)
     summary |= busy_summary(timing.read())
     lease.ensure_held()
     write_summary(output, summary, success=summary["state"] == "succeeded")

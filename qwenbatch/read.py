@@ -56,19 +56,38 @@ def open_parquet(config: InputConfig) -> Manifest:
             f"(nor an images list {config.images_column!r}) (columns: {', '.join(columns)})"
         )
     with ThreadPoolExecutor(OPENERS) as pool:
-        groups = tuple(pool.map(lambda path: row_groups(fs, path), files))
+        footers = list(pool.map(lambda path: pq.read_metadata(path, filesystem=fs), files))
+    groups = tuple(tuple(f.row_group(i).num_rows for i in range(f.num_row_groups)) for f in footers)
+    recorded = [(f.metadata or {}).get(schema.MANIFEST_ROOT_KEY) for f in footers]
+    roots = tuple(dict.fromkeys(root.decode() for root in recorded if root))
     check = IdCheck(config.id_column, sum(sum(g) for g in groups))
     for path in files:
         for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(ID_CHUNK_ROWS, columns=[config.id_column]):
             check.add(batch.column(0))
     file_rows = tuple(sum(g) for g in groups)
     ids = check.finish(lambda rows: parquet_ids_at(fs, files, file_rows, config.id_column, rows))
-    return Manifest(filesystem=fs, files=files, columns=columns, file_groups=groups, ids=ids)
+    return Manifest(filesystem=fs, files=files, columns=columns, file_groups=groups, ids=ids, roots=roots)
 
 
-def row_groups(fs: Any, path: str) -> tuple[int, ...]:
-    metadata = pq.read_metadata(path, filesystem=fs)
-    return tuple(metadata.row_group(index).num_rows for index in range(metadata.num_row_groups))
+def sample_locations(manifest: Manifest, config: InputConfig) -> list[str]:
+    """The first locations of the first manifest file (`image`, or each of `images`): what a run checks against
+    image.allowed_prefixes before it starts. None for tars and datasets, which hold their images' bytes."""
+    if config.format != "parquet" or not manifest.files:
+        return []
+    names = [c for c in (config.image_column, config.images_column) if c in manifest.columns]
+    if not names:
+        return []
+    file = pq.ParquetFile(manifest.files[0], filesystem=manifest.filesystem)
+    batch = next(file.iter_batches(schema.LOCATION_SAMPLE_ROWS, columns=names), None)
+    if batch is None:
+        return []
+    found: list[str] = []
+    for column in batch.columns:
+        for value in column.to_pylist():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and item:
+                    found.append(item)
+    return found
 
 
 def parquet_ids_at(fs: Any, files: list[str], file_rows: tuple[int, ...], column: str, rows: np.ndarray) -> list:

@@ -63,6 +63,7 @@ PROMPT_ERROR = "prompt_error"
 INFER_ERROR = "infer_error"
 PARSE_ERROR = "parse_error"  # task.output json: the answer does not parse or does not match the schema
 STATUSES = (OK, LOAD_ERROR, PROMPT_ERROR, INFER_ERROR, PARSE_ERROR)
+ERROR_STATUSES = STATUSES[1:]  # what `qwenbatch run --retry-errors` runs again
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -114,6 +115,8 @@ PDF_HEADER_WITHIN = 1024  # PDF readers accept the `%PDF-` header anywhere in th
 
 # Input kinds beyond Parquet manifests.
 # What counts as an image file (a PDF's pages too).
+MANIFEST_ROOT_KEY = b"qwenbatch.root"  # a manifest's Parquet metadata: the folder `qwenbatch manifest` walked
+LOCATION_SAMPLE_ROWS = 1_000  # rows whose locations are checked against image.allowed_prefixes before a run
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".pdf")
 SIZE = "size"  # `qwenbatch manifest`: the image file's bytes
 SHARD = "shard"  # WebDataset: the tar a sample came from
@@ -168,6 +171,10 @@ VLLM_ONE_IMAGE = "model.engine vllm takes one image a prompt: image lists and pd
 # Tests only: `<stage>:<id>[:<marker file>]`, comma-separated, makes that stage's worker die on that row
 # (with a marker file, only once). See `attempts.die_if_told`.
 TEST_DIE_ENV = "QWENBATCH_TEST_DIE_ON"
+# Tests only: the driver SIGKILLs itself when a retry reaches this step (see `retry.reached`).
+TEST_KILL_ENV = "QWENBATCH_TEST_KILL_AT"
+RETRY_DIR = "_retry"  # a retry run's new rows wait here, per run, until they replace the old ones
+RETRY_JOURNAL = "_journal.json"  # in a run's retry folder: its rows are complete, the shards they replace
 SUCCESS_FILE = "_SUCCESS"
 TEMP_PREFIX = ".tmp-"  # atomic writes stage here; hidden from readers, removed at the start of a run
 # One writer per output: the lease a run holds while it writes, renewed this many times per timeout;

@@ -63,7 +63,7 @@ COUNTED = (  # the stats that count rows by a value: merged by adding the counts
 @dataclass(frozen=True)
 class Shard:
     path: str
-    mtime: float | None  # when it was written: shards are written once
+    mtime: float | None  # when it was written (once, and again only when a retry swaps rows in)
     index: str | None  # its index file, when there is one
 
 
@@ -134,7 +134,7 @@ def merge_stats(stats: Iterable[dict[str, Any]]) -> dict[str, Any]:
     total["reasons_example"] = {}
     counters = {key: Counter() for key in COUNTED}
     for item in stats:
-        total["shards"] += 1
+        total["shards"] += item.get("shards", 1)  # a shard's stats, or totals already merged
         for key in ("rows", "input_tokens", "output_tokens"):
             total[key] += item.get(key, 0)
         total["inputs"] += item.get("inputs", item.get("rows", 0))  # indexes from before PDFs: a row an input

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qwenbatch import schema, storage
 from qwenbatch.answers import Answers
 from qwenbatch.config import OutputConfig
 from qwenbatch.documents import DocumentGate
 from qwenbatch.lease import Lease, LeaseLost
+from qwenbatch.retry import RetryPlan
 from qwenbatch.shards import merge_stats, write_shard
 
 QUEUED_BATCHES = 8  # blocks waiting for the writer thread before the pipeline waits for it
@@ -180,22 +182,32 @@ def write_rows(
     lease: Lease | None = None,
     counter: BlockCounter | None = None,
     answers: Answers | None = None,
+    retry: tuple[RetryPlan, str] | None = None,
     **provenance: str,
 ) -> dict[str, Any]:
     """Every row of the dataset into shards, each block shown to `counter` as it is written; this run's totals.
 
-    No dataset: nothing to write, zero totals.
+    With `retry` (a plan and its folder), the rows it retries go to that folder instead (`retry.commit` swaps
+    them in once all are written). No dataset: nothing to write, zero totals.
     """
     if dataset is None:
         return merge_stats([])
-    writer = ShardWriter(output.path, id_column, ShardLimits.of(output), lease, answers, counter, **provenance)
+    options = (id_column, ShardLimits.of(output), lease, answers, counter)
+    writer = ShardWriter(output.path, *options, **provenance)
+    retried = ShardWriter(retry[1], *options, **provenance) if retry else None
+    writers = [writer, *([retried] if retried else [])]
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if retried is not None:
+                routed = pa.array(retry[0].routes(batch, id_column))
+                retried.put(batch.filter(routed))
+                batch = batch.filter(pc.invert(routed))
             writer.put(batch)
     except BaseException:
-        writer.close()  # the rows that finished are kept
+        for each in writers:
+            each.close()  # the rows that finished are kept
         raise
-    return writer.close()
+    return merge_stats([each.close() for each in writers])
 
 
 def remove_stale_temp(output: str) -> int:
