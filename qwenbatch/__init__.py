@@ -5,7 +5,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+# Ray's notice that token authentication is on (the default for a local cluster), which a user's own
+# `ray.data.read_*` prints when it starts Ray before `qwenbatch.process` can quiet it: errors only.
+RAY_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
+logging.getLogger(RAY_AUTH_NOTICE).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["process"]

@@ -14,6 +14,7 @@ from typing import Any
 from qwenbatch import schema
 from qwenbatch.answers import Answers
 from qwenbatch.config import ProcessConfig, load_process_config
+from qwenbatch.console import quiet_ray
 from qwenbatch.hub import require_model
 from qwenbatch.pipeline import Plan, Rows, Stage, apply_stages, ensure_ray, new_run_id
 from qwenbatch.write import finalize_batch
@@ -25,6 +26,7 @@ def process(
     *,
     image_column: str = schema.IMAGE,
     run_id: str | None = None,
+    verbose: bool = False,
 ) -> Any:
     """Answers for every row of a Ray Dataset, as a new Dataset: one row out per row in, never a failed job.
 
@@ -36,10 +38,11 @@ def process(
 
     `config`: a `ProcessConfig` or `JobConfig`, a dict or a YAML path; `input` and `output` are
     ignored. The model is checked here (one ConfigError when no replica could get it), then Ray is
-    joined or started to size the stages for the cluster.
+    joined or started to size the stages for the cluster, quiet as `qwenbatch run` keeps it (`verbose`: as it is).
     """
     settings = load_process_config(config)
     require_model(settings.model)
+    quiet_ray(verbose)
     ensure_ray()
     run_id = run_id or new_run_id()
     plan = Plan.for_cluster(settings, run_id)

@@ -19,14 +19,15 @@ from typing import ClassVar, TextIO
 
 import pyarrow as pa
 
-from qwenbatch import schema
+from qwenbatch import RAY_AUTH_NOTICE, schema
 
 BAR_REFRESH_S = 0.5
 BAR_WIDTH = 24
 DEFAULT_EVERY_S = 30.0
 # Ray Data logs that it was asked for no progress bars, and Ray that token authentication is on (the
 # default for a local cluster): both say what qwenbatch chose, so these two loggers show errors only.
-QUIET_LOGGERS = ("ray.data._internal.progress", "ray._private.authentication.authentication_token_setup")
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+QUIET_LOGGERS = ("ray.data._internal.progress", RAY_AUTH_NOTICE)
 
 
 def quiet_ray(verbose: bool = False) -> None:
@@ -38,7 +39,8 @@ def quiet_ray(verbose: bool = False) -> None:
     """
     if verbose:
         return
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights" bars of local workers
+    for name, value in QUIET_ENV.items():  # "Loading weights" bars: of the workers of a local Ray started
+        os.environ.setdefault(name, value)  # after this, and of the replicas (`pipeline.build_stages`) on any
     from ray.data import DataContext
 
     context = DataContext.get_current()

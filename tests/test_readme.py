@@ -20,7 +20,11 @@ def python_block() -> str:
 
 
 def test_readme_python_example(tiny_model: Path, ray_local, tmp_path: Path):
+    """As a user runs it on their own folder, where one file is cut short: that file is one error row."""
     images = write_images(tmp_path / "photos", 4, sizes=[(64, 64), (96, 64)])  # small: the CPU's model is slow
+    whole = images[0].read_bytes()
+    cut = tmp_path / "photos" / "cut.jpg"
+    cut.write_bytes(whole[: len(whole) // 2])
     values = {"MODEL": str(tiny_model), "IMAGES": str(tmp_path / "photos"), "OUT": str(tmp_path / "captions")}
     code = python_block()
     for name, value in values.items():
@@ -28,6 +32,10 @@ def test_readme_python_example(tiny_model: Path, ray_local, tmp_path: Path):
         assert count == 1, f"README's example no longer sets {name} on a line of its own"
     exec(compile(code, "README.md", "exec"), {})
     rows = pads.dataset(values["OUT"], format="parquet").to_table().to_pylist()
-    assert sorted(row["path"] for row in rows) == sorted(str(path) for path in images)
-    assert all(row["status"] == schema.OK and row["text"] is not None for row in rows), rows
+    assert sorted(row["path"] for row in rows) == sorted(str(path) for path in [*images, cut])
+    good = [row for row in rows if row["path"] != str(cut)]
+    assert all(row["status"] == schema.OK and row["text"] is not None for row in good), rows
+    (bad,) = [row for row in rows if row["path"] == str(cut)]
+    assert bad["status"] == schema.LOAD_ERROR and bad["text"] is None, bad
+    assert "Truncated" in bad["error"] or "truncated" in bad["error"], bad
     assert set(rows[0]) == {"path", "text", "status", "error"}
