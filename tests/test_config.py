@@ -163,7 +163,19 @@ def test_gpu_options_are_config(tmp_path):
     assert load_config(write(tmp_path, GOOD)).run.max_batch_tokens is None  # from GPU memory, or the CPU default
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=str)
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=str)
 def test_every_shipped_config_validates(path):
     config = load_config(path, ["input.path=/in", "output.path=/out"])
     assert config.model.name
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=str)
+def test_shipped_configs_agree_with_the_defaults(path):
+    """Every task takes PDFs; a batch size other than the default says why, in a comment beside it."""
+    config = load_config(path, ["input.path=/in", "output.path=/out"])
+    assert schema.PDF_FORMAT in config.image.formats
+    batch_lines = [line for line in path.read_text().splitlines() if line.strip().startswith("batch_size:")]
+    assert config.run.batch_size == schema.DEFAULT_BATCH_SIZE or "#" in batch_lines[0], batch_lines
