@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwenbatch import attempts, schema, storage
@@ -283,6 +284,7 @@ def run(
     """
     output = config.output.path
     storage.configure(config.storage)  # this process resolves manifest and output URIs with it
+    _require_output_folder(output)
     if is_complete(output) and not force:
         log.warning("%s is already complete (_SUCCESS); skipping. Pass --force to run it again.", output)
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
@@ -293,6 +295,22 @@ def run(
     with Lease.acquire(output, run_id, config.run.lease_timeout_s) as lease:  # before anything is written
         summary = _run_held(config, manifest, run_id, lease, max_error_rate, load, progress)
     return RunResult(output=output, summary=summary)
+
+
+def _require_output_folder(output: str) -> None:
+    """A local output.path that is a file, or lies below one, can never become the run's folder: one line, now.
+
+    On an object store a key where the folder should be does not stop the run's own keys from being written.
+    """
+    fs, path = storage.resolve(output)
+    if not storage.is_local(fs):
+        return
+    for where in (Path(path), *Path(path).parents):
+        if where.exists():
+            if not where.is_dir():
+                shown = output if where == Path(path) else f"{output}: {where}"
+                raise ConfigError(f"output.path: {shown} is a file, not a folder")
+            return
 
 
 def _run_held(
