@@ -19,6 +19,24 @@ from qwenbatch.lease import LeaseHeld, LeaseLost
 log = logging.getLogger("qwenbatch")
 
 DATE_HELP = "the day {date} and {date:%%Y/%%m/%%d} in input.path and output.path become: YYYY-MM-DD, today, yesterday"
+CONFIG_HELP = "YAML job config (configs/caption.yaml documents every key)"
+OVERRIDES_HELP = "key.path=value, e.g. run.batch_size=4"
+DESCRIPTION = """\
+Batch Qwen3-VL over image collections on Ray: captions, visual question answering and document
+understanding (scans and PDFs, fields back as JSON). Parquet manifests in, Parquet out: every input
+row gives exactly one output row, written once, and a rerun resumes where a stopped run left off."""
+EPILOG = """\
+examples:
+  # the whole pipeline on this machine's CPUs: a tiny model, sample images and PDFs, three tasks
+  qwenbatch demo --dir demo_out
+
+  # a manifest for a folder of images, then a config run over it
+  qwenbatch manifest /data/photos /data/photos/manifest.parquet
+  qwenbatch run configs/caption.yaml input.path=/data/photos/manifest.parquet output.path=/data/captions
+
+  # how that output stands, and its HTML report
+  qwenbatch status /data/captions
+  qwenbatch report /data/captions --out captions-report.html"""
 
 
 def _print_summary(output: str, summary: dict) -> None:
@@ -175,12 +193,14 @@ def _console_options(command: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="qwenbatch", description=__doc__)
+    root = argparse.ArgumentParser(
+        prog="qwenbatch", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = root.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a job on the current Ray cluster (or a local one)")
-    run.add_argument("config", help="YAML job config")
-    run.add_argument("overrides", nargs="*", help="key.path=value, e.g. run.batch_size=4")
+    run.add_argument("config", help=CONFIG_HELP)
+    run.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     run.add_argument(
         "--force", action="store_true", help="run even when the output is complete (a new summary; rows done stay)"
     )
@@ -205,8 +225,8 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     show = sub.add_parser("config", help="print the validated config with every default filled in")
-    show.add_argument("config")
-    show.add_argument("overrides", nargs="*")
+    show.add_argument("config", help=CONFIG_HELP)
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     show.add_argument("--date", help=DATE_HELP)
     show.set_defaults(func=cmd_show_config)
 
@@ -228,7 +248,7 @@ def parser() -> argparse.ArgumentParser:
         "demo", help="build a tiny model, sample images and PDFs, run caption, vqa and document locally"
     )
     demo.add_argument("--dir", help="folder for the model, images and output (default: a new temporary folder)")
-    demo.add_argument("--images", type=int, default=48)
+    demo.add_argument("--images", type=int, default=48, help="how many sample images to make (default: %(default)s)")
     _console_options(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -266,8 +286,8 @@ def parser() -> argparse.ArgumentParser:
     manifest.set_defaults(func=cmd_manifest)
 
     tiny = sub.add_parser("tiny-model", help="build and save the tiny random-weight Qwen3-VL checkpoint")
-    tiny.add_argument("path")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("path", help="the folder to save it in, for model.name")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of its random weights: one seed, one model")
     tiny.add_argument("--thinking", action="store_true", help="the Thinking variant: reasoning, </think>, answer")
     tiny.set_defaults(func=cmd_tiny_model)
     return root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 from collections.abc import Mapping
@@ -339,11 +340,24 @@ class JobConfig(ProcessConfig):
     output: OutputConfig
 
 
-def _one_line(error: ValidationError) -> str:
+def _keys_at(model: type[BaseModel], section: tuple[int | str, ...]) -> list[str]:
+    """The keys the section at `section` takes (none where that is no section)."""
+    for part in section:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _one_line(error: ValidationError, model: type[BaseModel]) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        *section, name = first["loc"]
+        close = difflib.get_close_matches(str(name), _keys_at(model, tuple(section)), n=1)
+        return f"{key}: unknown key" + (f"; did you mean {'.'.join(map(str, [*section, close[0]]))}?" if close else "")
     if first["type"] == "missing":
         return f"{key}: required key is missing"
     message = first["msg"].removeprefix("Value error, ")
@@ -406,7 +420,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path or 'config'}: {_one_line(exc)}") from None
+        raise ConfigError(f"{path or 'config'}: {_one_line(exc, JobConfig)}") from None
 
 
 def load_process_config(source: ProcessConfig | Mapping[str, Any] | str | Path) -> ProcessConfig:
@@ -423,7 +437,7 @@ def load_process_config(source: ProcessConfig | Mapping[str, Any] | str | Path) 
         return ProcessConfig.model_validate(data)
     except ValidationError as exc:
         where = source if isinstance(source, str | Path) else "config"
-        raise ConfigError(f"{where}: {_one_line(exc)}") from None
+        raise ConfigError(f"{where}: {_one_line(exc, ProcessConfig)}") from None
 
 
 def config_snapshot(config: JobConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 from functools import lru_cache
@@ -25,15 +26,17 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 def require_model(config: ModelConfig) -> None:
     """Fail in one line, on the driver and before Ray starts, when no replica could get the checkpoint.
 
-    A local folder must exist. A hub id must be in the local Hugging Face cache, or the hub must be
-    reachable for the replicas to download it: otherwise every replica would fail later, each with a
-    long traceback after Ray started. The cache is the one HF_HOME (or HF_HUB_CACHE) names.
+    A local folder must exist (a folder beside it with a close name is suggested). A hub id must be in the
+    local Hugging Face cache, or the hub must be reachable for the replicas to download it: otherwise every
+    replica would fail later, each with a long traceback after Ray started. The cache is the one HF_HOME
+    (or HF_HUB_CACHE) names.
     """
     name = config.name
     if os.path.isdir(name):
         return
-    if name.startswith(("/", "./", "../", "~")):
-        raise ConfigError(f"model: no checkpoint folder at {name}")
+    if _looks_local(name):
+        problem = "not a folder" if os.path.exists(name) else "no such folder"
+        raise ConfigError(f"model: {name}: {problem}{_guess(name)}")
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
@@ -54,6 +57,26 @@ def require_model(config: ModelConfig) -> None:
             f"model: {name} is not in {where} and {constants.ENDPOINT} cannot be reached to download it: point "
             "HF_HOME at a cache that holds it or give a local folder (HF_HUB_OFFLINE=1 never tries the network)"
         )
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id (`org/name`): absolute or relative by its start, more than one `/`, or a first
+    segment that is a folder here (`demo_out/modle` beside `demo_out/`)."""
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        return True
+    first, sep, _ = name.partition(os.sep)
+    return bool(sep) and os.path.isdir(first)
+
+
+def _guess(name: str) -> str:
+    """`; did you mean <sibling>?` for a folder beside the one named with a close name, else nothing."""
+    parent, missing = os.path.split(name.rstrip(os.sep))
+    try:
+        siblings = [entry.name for entry in os.scandir(parent or ".") if entry.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(missing, siblings, n=1)
+    return f"; did you mean {os.path.join(parent, close[0])}?" if close else ""
 
 
 def _hub_reachable(endpoint: str) -> bool:

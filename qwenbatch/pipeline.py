@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwenbatch import attempts, retry, schema, storage
@@ -304,6 +305,7 @@ def run(
     """
     output = config.output.path
     storage.configure(config.storage)  # this process resolves manifest and output URIs with it
+    _require_output_folder(output)
     if not force and is_complete(output) and not pending(config, retry_errors):
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
 
@@ -330,6 +332,22 @@ def pending(config: JobConfig, retry_errors: tuple[str, ...]) -> bool:
         return True
     manifest = open_manifest(config.input)
     return find_todo(manifest, done_index(output, config.input.id_column)).rows > 0
+
+
+def _require_output_folder(output: str) -> None:
+    """A local output.path that is a file, or lies below one, can never become the run's folder: one line, now.
+
+    On an object store a key where the folder should be does not stop the run's own keys from being written.
+    """
+    fs, path = storage.resolve(output)
+    if not storage.is_local(fs):
+        return
+    for where in (Path(path), *Path(path).parents):
+        if where.exists():
+            if not where.is_dir():
+                shown = output if where == Path(path) else f"{output}: {where}"
+                raise ConfigError(f"output.path: {shown} is a file, not a folder")
+            return
 
 
 def _run_held(

@@ -14,7 +14,8 @@ from typing import Any
 from qwenbatch import schema
 from qwenbatch.report_svg import Histogram, display_text, escape, svg_bars, svg_histogram, svg_line
 from qwenbatch.shards import NO_STATUS
-from qwenbatch.status import FAILED, RUNNING, SUCCEEDED
+from qwenbatch.status import FAILED, RUNNING, SUCCEEDED, duration_text, moment_text
+from qwenbatch.timing import on_cpu
 
 STATUS_COLOURS = {
     schema.OK: "#3a9d5d",
@@ -164,23 +165,32 @@ def _colour(status: str) -> str:
     return STATUS_COLOURS.get(status, OTHER_COLOUR)
 
 
-def _num(key: str | None, value: Any) -> str:
-    """A number as shown, carrying its summary path in data-key so a reader (or a test) can check it."""
+def _num(key: str | None, value: Any, shown: str | None = None) -> str:
+    """A number as shown, carrying its summary path in data-key so a reader (or a test) can check it;
+    `shown` rounds it for people, and the exact value goes in data-value."""
     if value is None:
         return '<span class="num">—</span>'
     attr = f' data-key="{escape(key)}"' if key else ""
+    if shown is not None:
+        attr += f' data-value="{escape(str(value))}"'
     text = f"{value:,}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
-    return f'<span class="num"{attr}>{escape(text)}</span>'
+    return f'<span class="num"{attr}>{escape(text if shown is None else shown)}</span>'
 
 
-def _tile(label: str, key: str | None, value: Any, unit: str = "") -> str:
+def _tile(label: str, key: str | None, value: Any, unit: str = "", shown: str | None = None) -> str:
     suffix = f' <span class="unit">{escape(unit)}</span>' if unit and value is not None else ""
-    value_html = f'<div class="value">{_num(key, value)}{suffix}</div>'
+    value_html = f'<div class="value">{_num(key, value, shown)}{suffix}</div>'
     return f'<div class="tile"><div class="label">{escape(label)}</div>{value_html}</div>'
 
 
 def _when(seconds: float | None) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if seconds is not None else "—"
+    return moment_text(datetime.fromtimestamp(seconds, UTC)) if seconds is not None else "—"
+
+
+def _started_text(summary: dict[str, Any]) -> str | None:
+    """The summary's start time to the second; None when it has none."""
+    started = summary.get("started")
+    return moment_text(datetime.fromisoformat(started)) if started else None
 
 
 def _summary_section(facts: Facts) -> str:
@@ -205,21 +215,23 @@ def _summary_section(facts: Facts) -> str:
         f"<p><span class='badge' style='background:{colour}' id='state'>{escape(state)}</span> "
         f"run {_num('run_id' if facts.summary else None, summary.get('run_id'))} · "
         f"task <b>{escape(facts.task or '—')}</b> · model <code>{escape(facts.model or '—')}</code> · "
-        f"started {_num('started' if facts.summary else None, summary.get('started'))}</p><div class='tiles'>"
+        f"started {_num('started' if facts.summary else None, summary.get('started'), _started_text(summary))}</p>"
+        "<div class='tiles'>"
     )
     tiles = [
         _tile("rows in the output", "output.rows", facts.rows),
         *(_tile(f"status {s}", f"output.status.{s}", n) for s, n in facts.status.items()),
-        _tile("error rate", "error_rate", error_rate),
+        _tile("error rate", "error_rate", error_rate, shown=_percent(error_rate)),
         _tile("input tokens", "output.input_tokens", facts.input_tokens),
         _tile("output tokens", "output.output_tokens", facts.output_tokens),
     ]
     if facts.summary:
+        duration = summary.get("duration_s")
         tiles += [
             _tile("manifest rows", "manifest_rows", summary.get("manifest_rows")),
             _tile("already done before", "skipped_done", summary.get("skipped_done")),
             _tile("this run: rows", "this_run.rows", this_run.get("rows")),
-            _tile("this run: duration", "duration_s", summary.get("duration_s"), "s"),
+            _tile("this run: duration", "duration_s", duration, shown=duration_text(duration or 0)),
             _tile("this run: throughput", "this_run.images_per_s", this_run.get("images_per_s"), "images/s"),
             _tile(
                 "this run: generation",
@@ -267,9 +279,12 @@ def _percent(share: float | None) -> str:
 
 
 def _busy_block(busy: dict[str, Any], live: bool) -> str:
-    """How busy the replicas kept their GPUs: under 95% they waited on the CPU side, so add CPUs."""
+    """How busy the replicas kept their GPUs: under 95% they waited on the CPU side, so add CPUs.
+    Replicas on the CPU have no GPU: there the figure is the replicas' own, with no advice on GPUs."""
     figures = busy.get("replicas") or {}
     share = busy.get("gpu_busy")
+    cpu = on_cpu(busy)
+    advice = "" if cpu else " Under 95%, the GPUs waited for rows or for batches to be prepared: add CPUs per GPU."
     key = None if live else "gpu_busy"  # a running run's figures are not in the summary yet
     rows = "".join(
         f"<tr><td><code>{escape(r['replica'])}</code></td><td>{escape(r['device'])}</td>"
@@ -279,10 +294,10 @@ def _busy_block(busy: dict[str, Any], live: bool) -> str:
         for r in figures.get("each", [])
     )
     return (
-        f"<div id='busy'><h3>GPU busy{' (running)' if live else ''}: {_percent(share)}</h3>"
+        f"<div id='busy'><h3>{'Replica' if cpu else 'GPU'} busy{' (running)' if live else ''}: {_percent(share)}</h3>"
         f"<p>Time in <code>generate</code> over {figures.get('count', 0)} replica(s) x "
-        f"{figures.get('window_s', 0):,.1f} s from the first <code>generate</code> to the last: {_num(key, share)}. "
-        "Under 95%, the GPUs waited for rows or for batches to be prepared: add CPUs per GPU.</p>"
+        f"{duration_text(figures.get('window_s', 0))} from the first <code>generate</code> to the last: "
+        f"{_num(key, share, _percent(share))}.{escape(advice)}</p>"
         "<table><tr><th>replica</th><th>device</th><th>busy</th><th>generate (s)</th><th>preparing (s)</th>"
         f"<th>waiting for rows (s)</th><th>batches</th><th>rows</th></tr>{rows}</table></div>"
     )
@@ -388,7 +403,7 @@ def _sheet_section(facts: Facts) -> str:
 
 def render(facts: Facts) -> str:
     """The whole page as one string: no external stylesheet, script, font or image."""
-    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    generated = moment_text(datetime.now(UTC))
     title = f"qwenbatch report: {facts.output}"
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"

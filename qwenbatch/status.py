@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 from qwenbatch import schema, storage
 from qwenbatch.shards import list_shards
 from qwenbatch.summary import read_summary, summarize_output
-from qwenbatch.timing import busy_summary, live_figures
+from qwenbatch.timing import busy_summary, live_figures, on_cpu
 
 RUNNING = "running"
 SUCCEEDED = "succeeded"
@@ -93,14 +93,23 @@ def read_status(output: str) -> RunStatus:
 
 
 def _ago(moment: datetime, now: datetime) -> str:
-    return f"{_duration((now - moment).total_seconds())} ago"
+    return f"{duration_text((now - moment).total_seconds())} ago"
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """A duration as people read it: `57 s`, `3 min 12 s`, `1 h 02 min` (past an hour, seconds are noise)."""
     seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def moment_text(moment: datetime) -> str:
+    """A time as people read it, to the second: `2026-12-03 18:27:52 UTC`."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _rate(value: float | None, unit: str) -> str:
@@ -116,11 +125,13 @@ def _fill(seconds: float | None) -> str:
 
 
 def busy_lines(busy: dict[str, Any]) -> list[str]:
-    """GPU busy time: under 95% the replicas waited on the CPU side (add CPUs), near 100% add GPUs."""
+    """GPU busy time: under 95% the replicas waited on the CPU side (add CPUs), near 100% add GPUs.
+    Replicas on the CPU have no GPU to keep busy: there the same figure is the replicas' own."""
     replicas = busy.get("replicas") or {}
     count = replicas.get("count", 0)
+    label = "replica busy" if on_cpu(busy) else "gpu busy"
     lines = [
-        f"{'gpu busy':<11}{_share(busy.get('gpu_busy'))} over {count} replica{'s' if count != 1 else ''}: "
+        f"{label:<10} {_share(busy.get('gpu_busy'))} over {count} replica{'s' if count != 1 else ''}: "
         f"generate {replicas.get('generate_s', 0):,.1f} s, preparing {replicas.get('prepare_s', 0):,.1f} s "
         f"(overlapped), waiting for rows {replicas.get('wait_s', 0):,.1f} s, of {replicas.get('window_s', 0):,.1f} s "
         f"from the first generate to the last" + _fill(replicas.get("fill_s"))
@@ -162,8 +173,8 @@ def format_status(status: RunStatus, now: datetime | None = None) -> str:
         took = summary.get("duration_s") or 0
         finished = started + timedelta(seconds=took)
         lines.append(
-            f"{prefix:<11}{summary.get('run_id', '?')}: started {started:%Y-%m-%d %H:%M:%S %Z}, "
-            f"took {_duration(took)}, finished {_ago(finished, now)}"
+            f"{prefix:<11}{summary.get('run_id', '?')}: started {moment_text(started)}, "
+            f"took {duration_text(took)}, finished {_ago(finished, now)}"
         )
     if summary and status.state != RUNNING:
         this_run = summary.get("this_run", {})

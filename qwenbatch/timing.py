@@ -182,6 +182,13 @@ def concurrent_replicas(replicas: list[ReplicaTime]) -> int:
     return most
 
 
+def on_cpu(busy: dict[str, Any]) -> bool:
+    """Whether every replica of a `busy_summary` ran on the CPU: its busy share then says nothing of GPUs,
+    and more CPUs per GPU is no advice to give."""
+    each = (busy.get("replicas") or {}).get("each") or []
+    return bool(each) and all(replica.get("device") == "cpu" for replica in each)
+
+
 def busy_summary(replicas: list[ReplicaTime]) -> dict[str, Any]:
     """`gpu_busy`: time in `generate` over replicas x the wall time from the first `generate` to the last.
 

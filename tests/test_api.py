@@ -137,5 +137,5 @@ def test_config_errors_are_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^config: run.batch_size: Input should be greater than or equal to 1$"):
         qwenbatch.process(None, {"model": "x", "run": {"batch_size": 0}})
-    with pytest.raises(ConfigError, match=r"^model: no checkpoint folder at /nowhere/model$"):
+    with pytest.raises(ConfigError, match=r"^model: /nowhere/model: no such folder$"):
         qwenbatch.process(None, {"model": "/nowhere/model"})

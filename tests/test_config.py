@@ -11,6 +11,7 @@ import pytest
 
 from qwenbatch import schema
 from qwenbatch.config import ConfigError, load_config
+from tests.helpers import REPO
 
 GOOD = """
 model: Qwen/Qwen3-VL-8B-Instruct
@@ -82,6 +83,10 @@ def test_document_task_gets_a_larger_budget(tmp_path):
         ("model: [unclosed\n", [], "invalid YAML at line"),
         (GOOD + "run: {batch_sise: 4}\n", [], "run.batch_sise: unknown key"),
         (GOOD + "colour: blue\n", [], "colour: unknown key"),
+        (GOOD + "run: {batchsize: 4}\n", [], "run.batchsize: unknown key; did you mean run.batch_size?"),
+        (GOOD + "pdf: {mode: per_page, pags: [1]}\n", [], "pdf.pags: unknown key; did you mean pdf.pages?"),
+        (GOOD, ["image.formatz=[PNG]"], "image.formatz: unknown key; did you mean image.formats?"),
+        (GOOD, ["runn.batch_size=4"], "runn: unknown key; did you mean run?"),
         (GOOD, ["run.batch_size=0"], "run.batch_size: Input should be greater than or equal to 1"),
         (GOOD, ["model.dtype=fp8"], "model.dtype: Input should be"),
         (GOOD, ["task.kind=poem"], "task.kind: Input should be"),
@@ -120,6 +125,27 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path, text, overrides, mes
     assert lines[1:] == ["RAY_NOT_STARTED"]
 
 
+def test_unknown_key_without_a_close_name_gets_no_guess(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, GOOD + "colour: blue\n"))
+    assert str(error.value).endswith(": colour: unknown key")
+
+
+def test_cli_suggests_the_key_meant():
+    """The line a user meets at the command line, for a typo in an override of a shipped config."""
+    done = subprocess.run(
+        [sys.executable, "-m", "qwenbatch.cli", "config", "configs/caption.yaml", "run.batchsize=4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        "qwenbatch: error: configs/caption.yaml: run.batchsize: unknown key; did you mean run.batch_size?\n"
+    )
+
+
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
 def test_flash_attention_without_the_package_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as error:
@@ -137,7 +163,19 @@ def test_gpu_options_are_config(tmp_path):
     assert load_config(write(tmp_path, GOOD)).run.max_batch_tokens is None  # from GPU memory, or the CPU default
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=str)
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=str)
 def test_every_shipped_config_validates(path):
     config = load_config(path, ["input.path=/in", "output.path=/out"])
     assert config.model.name
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=str)
+def test_shipped_configs_agree_with_the_defaults(path):
+    """Every task takes PDFs; a batch size other than the default says why, in a comment beside it."""
+    config = load_config(path, ["input.path=/in", "output.path=/out"])
+    assert schema.PDF_FORMAT in config.image.formats
+    batch_lines = [line for line in path.read_text().splitlines() if line.strip().startswith("batch_size:")]
+    assert config.run.batch_size == schema.DEFAULT_BATCH_SIZE or "#" in batch_lines[0], batch_lines

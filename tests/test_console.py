@@ -3,6 +3,7 @@ Ray's chatter gone unless --verbose, and at the end the output, the summary and 
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import os
@@ -97,6 +98,38 @@ def test_progress_bar_keeps_log_lines_above_it():
 def test_report_command():
     assert report_command("/data/out/caption/") == "qwenbatch report /data/out/caption/ --out caption-report.html"
     assert report_command("s3://b/my out") == "qwenbatch report 's3://b/my out' --out 'my out-report.html'"
+
+
+def test_every_argument_has_help():
+    from qwenbatch.cli import parser
+
+    [commands] = [a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [
+        f"{name} {action.dest}"
+        for name, command in commands.choices.items()
+        for action in command._actions
+        if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
+    ]
+    assert silent == []
+
+
+def test_help_says_what_it_is_and_shows_examples():
+    done = subprocess.run(
+        [sys.executable, "-m", "qwenbatch.cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stderr == ""
+    text = done.stdout
+    assert "thin over the library calls" not in text  # the module's docstring is for its readers
+    assert "Batch Qwen3-VL over image collections on Ray" in text and "exactly one output row" in text
+    for example in (
+        "qwenbatch demo --dir demo_out",
+        "qwenbatch manifest /data/photos /data/photos/manifest.parquet",
+        "qwenbatch run configs/caption.yaml input.path=/data/photos/manifest.parquet output.path=/data/captions",
+        "qwenbatch status /data/captions",
+        "qwenbatch report /data/captions --out captions-report.html",
+    ):
+        assert f"\n  {example}\n" in text  # each on a line of its own, as written
+    assert text.index("examples:") > text.index("options:")  # the epilog, after the commands
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,12 @@ def job(tmp_path: Path) -> Path:
     return config
 
 
-def run_cli(job: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def run_cli(job: Path, tmp_path: Path, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_"))}
     environment |= {"PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf"), "RAY_TMPDIR": str(tmp_path / "ray")}
     environment = {k: v for k, v in (environment | env).items() if "proxy" not in k.lower()}
     command = [sys.executable, "-m", "qwenbatch.cli", "run", str(job)]
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_offline_and_not_cached(job, tmp_path):
@@ -58,6 +58,39 @@ def test_no_network_and_not_cached(job, tmp_path):
     assert f"and {endpoint} cannot be reached to download it: point HF_HOME at a cache" in done.stderr
     assert "HF_HUB_OFFLINE=1" in done.stderr
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_typo_in_a_local_folder_is_named_as_one(job, tmp_path):
+    """`demo_out/modle` beside `demo_out/model` is a folder that is not there, not a hub id to download."""
+    (tmp_path / "demo_out" / "model").mkdir(parents=True)
+    job.write_text(job.read_text().replace(MODEL, "demo_out/modle"))
+    done = run_cli(job, tmp_path, cwd=tmp_path, HF_HUB_OFFLINE="1")
+    assert done.returncode == 2
+    assert done.stderr == "qwenbatch: error: model: demo_out/modle: no such folder; did you mean demo_out/model?\n"
+    assert not (tmp_path / "ray").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("/nowhere/model", "model: /nowhere/model: no such folder"),
+        ("./demo_out/mdel", "model: ./demo_out/mdel: no such folder; did you mean ./demo_out/model?"),
+        ("~/models/qwen", "model: ~/models/qwen: no such folder"),
+        ("models/qwen/8b", "model: models/qwen/8b: no such folder"),  # two slashes: no hub id
+        ("demo_out/zzz", "model: demo_out/zzz: no such folder"),  # nothing close beside it
+        ("demo_out/notes.txt", "model: demo_out/notes.txt: not a folder"),
+    ],
+)
+def test_local_paths_are_checked_as_folders(name, message, tmp_path, monkeypatch):
+    from qwenbatch.config import ConfigError, ModelConfig
+    from qwenbatch.hub import require_model
+
+    (tmp_path / "demo_out" / "model").mkdir(parents=True)
+    (tmp_path / "demo_out" / "notes.txt").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        require_model(ModelConfig(name=name))
+    assert str(error.value) == message
 
 
 def test_cached_model_passes_the_check(tmp_path):

@@ -120,6 +120,22 @@ def write_job(
     return job, {p.stem for p in paths}
 
 
+@pytest.mark.parametrize("below", ["", "/out"], ids=["the file", "below the file"])
+def test_an_output_path_that_is_a_file_is_one_line(below: str, tmp_path: Path) -> None:
+    """A file where the output folder should be, or above it, stops `qwenbatch run` in one line before Ray
+    starts (the lease would make the folder), and the file is left as it was."""
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    job, _ = write_job(tmp_path, tmp_path / "model", 1, f"{taken}{below}")
+    env = os.environ | {"RAY_TMPDIR": str(tmp_path / "ray")}
+    command = [sys.executable, "-m", "qwenbatch.cli", "run", str(job)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    shown = f"{taken}{below}: {taken}" if below else str(taken)
+    assert done.stderr == f"qwenbatch: error: output.path: {shown} is a file, not a folder\n"
+    assert taken.read_text() == "mine" and not (tmp_path / "ray").exists()
+
+
 def output_ids(output: str, endpoint: str | None = None) -> list[str]:
     fs, base = storage.resolve(output, StorageConfig(endpoint_url=endpoint))
     table = pads.dataset(base, filesystem=fs, format="parquet").to_table(columns=["id", schema.STATUS])

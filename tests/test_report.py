@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from PIL import Image
 from qwenbatch import cli, demo, pipeline, report, schema, storage
 from qwenbatch.config import StorageConfig
 from qwenbatch.report_svg import display_text
-from qwenbatch.status import read_status
+from qwenbatch.status import duration_text, read_status
 from qwenbatch.summary import summarize_output
 from tests.helpers import encode, moto_s3, noise_image, read_output
 
@@ -79,6 +81,13 @@ class Page:
         self.url = path.as_uri()
 
     def numbers(self) -> dict[str, str]:
+        """Each tagged number's exact value: its text, or the data-value beside a text rounded for people."""
+        return self.page.eval_on_selector_all(
+            "[data-key]", "els => Object.fromEntries(els.map(e => [e.dataset.key, e.dataset.value ?? e.textContent]))"
+        )
+
+    def shown(self) -> dict[str, str]:
+        """Each tagged number as people read it."""
         return self.page.eval_on_selector_all(
             "[data-key]", "els => Object.fromEntries(els.map(e => [e.dataset.key, e.textContent]))"
         )
@@ -167,6 +176,15 @@ def test_demo_report_in_chromium(demo_output: Path, browser: Any, tmp_path: Path
         },
     )
     assert page.page.inner_text("#state") == "succeeded"
+    shown = page.shown()
+    assert shown["error_rate"] == "2.1%" and summary["error_rate"] == round(1 / 48, 6)  # the truncated image
+    assert re.fullmatch(r"\d+ s|\d+ min \d\d s", shown["duration_s"]), shown["duration_s"]
+    assert shown["duration_s"] == duration_text(summary["duration_s"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", shown["started"]), shown["started"]
+    assert shown["started"] == f"{datetime.fromisoformat(summary['started']):%Y-%m-%d %H:%M:%S} UTC"
+    assert shown["gpu_busy"] == f"{summary['gpu_busy']:.1%}"
+    busy = page.page.inner_text("#busy")  # the demo's replica ran on the CPU: no GPU to keep busy, no advice on one
+    assert busy.startswith("Replica busy: ") and "GPU" not in busy
 
     rows = {r[schema.ID]: r for r in read_output(demo_output).to_pylist()}
     cards = page.cards()
@@ -233,6 +251,19 @@ def test_partial_run_report(
     other = report.gather(str(output), sample=5, failed=0, seed=2).cards
     ids = [[c.row[schema.ID] for c in cards] for cards in (first, again, other)]
     assert len(ids[0]) == 5 and ids[0] == ids[1] and ids[0] != ids[2]  # seeded: same output, same sample
+
+
+def test_gpu_replicas_get_gpu_busy_and_its_advice(demo_output: Path, tmp_path: Path) -> None:
+    """The demo's output with its replica's device set to cuda, as a GPU run records it."""
+    output = Path(shutil.copytree(demo_output, tmp_path / "output"))
+    summary = json.loads((output / schema.SUMMARY_FILE).read_text())
+    for replica in summary["replicas"]["each"]:
+        assert replica["device"] == "cpu"
+        replica["device"] = "cuda"
+    (output / schema.SUMMARY_FILE).write_text(json.dumps(summary))
+    page = report.build_report(str(output), sample=0, failed=0)
+    assert f"<h3>GPU busy: {summary['gpu_busy']:.1%}</h3>" in page and "add CPUs per GPU" in page
+    assert "Replica busy" not in page
 
 
 def test_report_from_s3(demo_output: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -378,6 +409,9 @@ def test_report_of_100k_rows(browser: Any, tmp_path: Path) -> None:
 
     page = Page(browser, tmp_path / "report.html")
     page.assert_clean()
+    shown = page.shown()
+    assert shown["duration_s"] == "20 min 10 s" and page.numbers()["duration_s"] == "1210.0"
+    assert shown["error_rate"] == f"{1 - table.column(schema.STATUS).to_pylist().count(schema.OK) / SCALE_ROWS:.1%}"
     cards = page.cards()
     ok = [c for c in cards if c["status"] == schema.OK]
     assert len(ok) == report.DEFAULT_SAMPLE and len(cards) - len(ok) == report.DEFAULT_FAILED

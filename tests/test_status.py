@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from qwenbatch import schema
 from qwenbatch.cli import main
 from qwenbatch.pipeline import run
-from qwenbatch.status import NoRunError, format_status, read_status
+from qwenbatch.status import NoRunError, duration_text, format_status, read_status
 from tests.helpers import job_config, read_output, write_images, write_manifest
 
 
@@ -46,6 +47,11 @@ def test_failed_run(failed_output: Path, capsys: pytest.CaptureFixture) -> None:
     assert "rows       4 of 4 in the manifest (this run 4; 0 already done)" in table
     assert "images/s" in table and "output tokens/s" in table
     lines = table.splitlines()
+    run_line = next(line for line in lines if line.startswith("run "))  # to the second, for people
+    when, took = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", r"(\d+ s|\d+ min \d\d s|\d+ h \d\d min)"
+    assert re.search(f": started {when}, took {took}, finished {took} ago$", run_line), run_line
+    busy = next(line for line in lines if "busy" in line)  # the replica ran on the CPU: no GPU to speak of
+    assert busy.startswith("replica busy ") and "gpu" not in table.lower()
     assert any(line.split() == [schema.OK, "3", "75.00%"] for line in lines)
     assert any(line.split() == [schema.LOAD_ERROR, "1", "25.00%"] for line in lines)
     message = next(r["error"] for r in read_output(failed_output).to_pylist() if r["id"] == "r-missing")
@@ -78,7 +84,7 @@ def test_running(failed_output: Path, tmp_path: Path) -> None:
     assert status.totals["rows"] == 4 and status.totals["status"][schema.LOAD_ERROR] == 1  # counted from shards
     now = status.last_write + timedelta(seconds=75)
     table = format_status(status, now=now)
-    assert "state      running" in table and "last write 1m 15s ago" in table
+    assert "state      running" in table and "last write 1 min 15 s ago" in table
     assert f"4 rows written so far, shards: {status.shards}" in table
 
     # A later run writing shards after the last summary: running again, the old summary shown as the last run.
@@ -89,6 +95,33 @@ def test_running(failed_output: Path, tmp_path: Path) -> None:
     status = read_status(str(stale))
     assert status.state == "running" and status.summary is not None
     assert f"last run   {status.summary['run_id']}" in format_status(status)
+
+
+def test_gpu_replicas_are_gpu_busy(failed_output: Path, tmp_path: Path) -> None:
+    """The same output with its replica's device set to cuda, as a GPU run records it."""
+    out = _copy(failed_output, tmp_path / "gpu")
+    summary = json.loads((out / schema.SUMMARY_FILE).read_text())
+    for replica in summary["replicas"]["each"]:
+        replica["device"] = "cuda"
+    (out / schema.SUMMARY_FILE).write_text(json.dumps(summary))
+    os.utime(out / schema.SUMMARY_FILE)  # still newer than the shards: the run stays finished
+    table = format_status(read_status(str(out)))
+    assert f"gpu busy   {summary['gpu_busy']:.1%} over 1 replica: " in table and "replica busy" not in table
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.4, "0 s"),
+        (57.351, "57 s"),
+        (59.6, "1 min 00 s"),
+        (192, "3 min 12 s"),
+        (3725, "1 h 02 min"),
+        (3599.6, "1 h 00 min"),
+    ],
+)
+def test_durations_read_as_people_say_them(seconds: float, text: str) -> None:
+    assert duration_text(seconds) == text
 
 
 def test_no_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
