@@ -405,17 +405,22 @@ def test_scale_bench_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         shutil.rmtree(ray_dir, ignore_errors=True)
     assert [m.case for m in results] == [
         "qwenbatch run over 0 done rows",
+        "`qwenbatch run`, complete, 20 rows",
         "`qwenbatch status`, running",
         "`qwenbatch report`",
         "qwenbatch run over 300 done rows",
+        "`qwenbatch run`, complete, 320 rows",
         "opening a manifest (id checks)",
     ]
     assert all(m.wall_s > 0 and m.cpu_s > 0 and m.driver_peak_rss > 0 and m.exit_code == 0 for m in results)
-    for run_case in (results[0], results[3]):
+    for run_case in (results[0], results[4]):
         assert run_case.rows == 20 and run_case.shards_written >= 1 and 0 < run_case.first_shard_s < run_case.wall_s
+    for complete in (results[1], results[5]):  # nothing left: skipped, nothing written
+        assert complete.rows == 0 and complete.shards_written == 0 and complete.first_shard_s is None
+    assert "already complete" in (tmp_path / "logs" / "complete-300.log").read_text()
     out = read_output(tmp_path / "done-300" / "out")
     assert len(out) == len(set(out.column("id").to_pylist())) == 320  # the synthetic rows and the new ones
-    assert len(list((tmp_path / "done-300" / "out").glob("part-*.parquet"))) == 3 + results[3].shards_written
+    assert len(list((tmp_path / "done-300" / "out").glob("part-*.parquet"))) == 3 + results[4].shards_written
     table = (tmp_path / "scale.md").read_text()
     assert table == markdown(results) and "| qwenbatch run over 300 done rows | 20 |" in table
     assert "resume, against a run over 0 done rows: over 300 done rows" in table

@@ -9,7 +9,8 @@ shared pages count once per process).
 Cases:
 - the plain loop (PIL, processor, `generate`, 4 images at a time, one process) and `qwenbatch run` over
   the same rows: orchestration = qwenbatch's CPU seconds minus the plain loop's, per row;
-- 1,000 new rows into an empty output, and 1,000 new rows over 1M / 5M / 10M done rows;
+- 1,000 new rows into an empty output, and 1,000 new rows over 1M / 5M / 10M done rows; then the same
+  command again, which finds nothing left (the manifest's ids against the output's index) and skips;
 - `qwenbatch status` and `qwenbatch report` over those outputs (status: still running, no summary);
 - the id checks of a large manifest (`open_manifest`).
 
@@ -360,6 +361,9 @@ class Bench:
         job = job_config(case / "job.yaml", self.model, case / "manifests", out, self.folder / "images")
         self.timed(f"qwenbatch run over {done:,} done rows", cli("run", str(job)), new_rows, f"run-{done}", out)
         expect_run(out, new_rows, done)
+        # The same command again: the manifest's ids against the output's index, no Ray ("already complete").
+        complete = f"`qwenbatch run`, complete, {done + new_rows:,} rows"
+        self.timed(complete, cli("run", str(job)), 0, f"complete-{done}", out)
 
     def manifest(self, rows: int) -> None:
         """`open_manifest` (the id checks) over `rows` rows in files of a million."""
