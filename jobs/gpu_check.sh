@@ -5,7 +5,7 @@
 # (bf16, no CPU initialisation) and saves it once, then on 1024x768 JPEGs with 128 new tokens runs
 # the plain transformers loop (batch 4, 64 images), qwenbatch (384 images) and qwenbatch with
 # generation.compile (384 images), and prints and writes images/s, output tokens/s, MFU, gpu_busy
-# and peak GPU memory (bench.md, bench.json). README's "Performance" shows the sizing arithmetic.
+# and peak GPU memory (bench.md, bench.json). docs/performance.md shows the sizing arithmetic.
 #
 # On the lent, offline machine: pack here with jobs/gpu_pack.sh, then run, carrying .gpu:
 #   source .gpu/setup.sh && jobs/gpu_check.sh

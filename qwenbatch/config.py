@@ -48,7 +48,7 @@ class ModelConfig(_Section):
     @classmethod
     def _vllm_installed(cls, value: str) -> str:
         if value == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ValueError("engine 'vllm' needs vLLM installed beside qwenbatch (README: The vLLM engine)")
+            raise ValueError("engine 'vllm' needs vLLM installed beside qwenbatch (docs/vllm.md)")
         return value
 
     @field_validator("attn_implementation")

@@ -145,7 +145,7 @@ PROMPT_TEXT_ALLOWANCE = 128
 SORT_WINDOW_BATCHES = 4
 # Batches a replica holds prepared (processor output, on the device), the one generating included:
 # with 3, the prepare thread banks a whole batch ahead, so one slow preparation does not delay the
-# next `generate` (simulated H100, 1024x768: gpu_busy 98.8-99.0% against 97.7-98.7% with 2, README).
+# next `generate` (simulated H100, 1024x768: gpu_busy 98.8-99.0% against 97.7-98.7% with 2, docs/performance.md).
 # Each slot holds a batch's float32 pixels on the device: about 1 GB at 32 images of 1280 tokens.
 PREFETCH_BATCHES = 3
 # Blocks of rows Ray Data runs in one replica at once: the next block's batches are prepared while

@@ -22,7 +22,7 @@ def test_cpu_bench_smoke(ray_local, tmp_path):
     engine = ["qwenbatch, engine vllm"] if importlib.util.find_spec("vllm") else []  # beside, where vLLM is installed
     assert names == ["plain transformers loop (batch 4)", "qwenbatch", "qwenbatch (jpeg_draft)", *engine]
     assert results["notes"] == ([] if engine else ["qwenbatch, engine vllm: skipped, vLLM is not installed here "
-                                                   "(README: The vLLM engine)"])  # fmt: skip
+                                                   "(docs/vllm.md)"])  # fmt: skip
     for row in results["end_to_end"]:
         assert row["images"] == 8 and row["seconds"] > 0 and row["peak_memory_bytes"] > 0
         assert row["output_tokens"] == 8 * results["settings"]["max_new_tokens"]  # fixed output length

@@ -193,7 +193,8 @@ def test_a_frozen_run_resumed_after_its_rerun_writes_nothing(tmp_path: Path, tin
         try:
             deadline = time.monotonic() + JOB_TIMEOUT_S
             # Frozen between two shards, not inside the publication of one (a temp file, the shard, then its
-            # index): the gap README admits, where a straggler may still publish the shard it had started.
+            # index): the gap docs/errors-and-reruns.md admits, where a straggler may still publish the shard it
+            # had started.
             while True:
                 assert first.poll() is None, first_log.read_text()[-3000:]
                 assert time.monotonic() < deadline, first_log.read_text()[-3000:]

@@ -2,7 +2,7 @@
 
 A demo run (real Ray, the tiny model, one truncated image), partial outputs cut from it, the same
 output on an S3 server (moto), and a synthetic 100,000-row output for size and build time.
-Set QWENBATCH_SCREENSHOT=docs/report.png to refresh the README's screenshot from the demo run.
+Set QWENBATCH_SCREENSHOT=docs/report.png to refresh the screenshot in docs/status-and-report.md from the demo run.
 """
 
 from __future__ import annotations

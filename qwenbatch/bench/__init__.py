@@ -9,7 +9,7 @@ Modes:
   benchmark (fetch + decode + resize alone against PIL open/convert + the processor).
 - gpu: a random-weight model with the exact Qwen3-VL-8B-Instruct shape, bf16, 1024x768 images,
   the caption task, 128 new tokens: the plain loop on 64 images, qwenbatch on 384, and qwenbatch
-  with `generation.compile`; sized to fit `jobs/gpu_check.sh` (README shows the arithmetic).
+  with `generation.compile`; sized to fit `jobs/gpu_check.sh` (docs/performance.md shows the arithmetic).
 - sim: the real pipeline with the model replaced by a simulated H100 (`bench.sim`): does the CPU
   side keep the GPU busy? 1024x768 JPEGs, then 4000x3000 phone JPEGs without and with `jpeg_draft`.
 """

@@ -170,7 +170,7 @@ def vllm_run(
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        return [], [f"{VLLM_ROW}: skipped, vLLM is not installed here (README: The vLLM engine)"]
+        return [], [f"{VLLM_ROW}: skipped, vLLM is not installed here (docs/vllm.md)"]
     if mode.device == "cuda":  # what this process's allocator kept from the plain loop would count as taken
         import torch
 
