@@ -72,13 +72,13 @@ REGISTRY = {
     "qwenbatch run configs/caption.yaml input.path=/data/manifests output.path=/data/captions --retry-errors\n"
     "qwenbatch run configs/caption.yaml input.path=/data/manifests output.path=/data/captions "
     "--retry-errors load_error,infer_error\n": (
-        "tests/test_retry.py::test_retry_errors_cli"  # lands with issue 25 items 1-4
+        "tests/test_retry.py::test_retry_errors_cli"
     ),
     # docs/inputs.md: a manifest of a folder, then a run over it reading that folder without allowed_prefixes.
     "qwenbatch manifest /data/archive /data/manifests/archive.parquet\n"
     "qwenbatch run configs/caption.yaml input.path=/data/manifests/archive.parquet "
     "output.path=/data/archive-captions\n": (
-        "tests/test_manifest_cmd.py::test_manifest_root_run"  # lands with issue 25 items 1-4
+        "tests/test_manifest_cmd.py::test_manifest_root_run"
     ),
     # an S3 server: the test runs this very command against moto, then a job over the manifest it wrote.
     "qwenbatch manifest s3://my-bucket/images s3://my-bucket/manifests/images.parquet\n": (
@@ -104,8 +104,6 @@ REGISTRY = {
         "tests/test_bench.py::test_cpu_bench_smoke"
     ),
 }
-# Registered tests another change adds; until they exist, their entries skip, and only these.
-LANDING = {"tests/test_retry.py::test_retry_errors_cli", "tests/test_manifest_cmd.py::test_manifest_root_run"}
 
 
 @dataclass(frozen=True)
@@ -170,12 +168,8 @@ def test_every_registry_entry_names_a_test_and_a_block() -> None:
     for test in REGISTRY.values():
         path, _, function = test.partition("::")
         file = REPO / path
-        if test in LANDING and not file.exists():
-            continue  # lands with issue 25 items 1-4
         assert file.exists(), f"REGISTRY names {test}, but {path} does not exist"
         functions = {node.name for node in ast.walk(ast.parse(file.read_text())) if isinstance(node, ast.FunctionDef)}
-        if test in LANDING and function not in functions:
-            continue
         assert function in functions, f"REGISTRY names {test}, but {path} has no function {function}"
 
 
