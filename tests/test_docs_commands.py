@@ -71,15 +71,11 @@ REGISTRY = {
     ),
     "qwenbatch run configs/caption.yaml input.path=/data/manifests output.path=/data/captions --retry-errors\n"
     "qwenbatch run configs/caption.yaml input.path=/data/manifests output.path=/data/captions "
-    "--retry-errors load_error,infer_error\n": (
-        "tests/test_retry.py::test_retry_errors_cli"
-    ),
+    "--retry-errors load_error,infer_error\n": ("tests/test_retry.py::test_retry_errors_cli"),
     # docs/inputs.md: a manifest of a folder, then a run over it reading that folder without allowed_prefixes.
     "qwenbatch manifest /data/archive /data/manifests/archive.parquet\n"
     "qwenbatch run configs/caption.yaml input.path=/data/manifests/archive.parquet "
-    "output.path=/data/archive-captions\n": (
-        "tests/test_manifest_cmd.py::test_manifest_root_run"
-    ),
+    "output.path=/data/archive-captions\n": ("tests/test_manifest_cmd.py::test_manifest_root_run"),
     # an S3 server: the test runs this very command against moto, then a job over the manifest it wrote.
     "qwenbatch manifest s3://my-bucket/images s3://my-bucket/manifests/images.parquet\n": (
         "tests/test_storage_s3.py::test_job_reads_from_and_writes_to_s3_and_resumes_there"
