@@ -84,7 +84,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.skipped:
         totals = result.summary.get("output", {})
         errors = totals.get("rows", 0) - totals.get("status", {}).get("ok", 0)
-        again = f"{errors} are errors: pass --retry-errors to run them again" if errors else "none are errors"
+        again = "no error rows"
+        if errors:
+            plural = errors != 1
+            again = f"{errors:,} error row{'s' * plural}: pass --retry-errors to run {'them' if plural else 'it'} again"
         print(f"already complete: {result.output} (every manifest row is done; {again})")
         print(f"  report: {report_command(result.output)}")
         return 0

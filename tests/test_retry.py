@@ -75,7 +75,7 @@ def test_retry_errors_cli(tmp_path: Path, tiny_model: Path, ray_local, capsys: p
     # Complete, with one error: a rerun does nothing and says how to retry it.
     assert main(["run", str(job)]) == 0
     assert capsys.readouterr().out.startswith(
-        f"already complete: {out} (every manifest row is done; 1 are errors: pass --retry-errors to run them again)"
+        f"already complete: {out} (every manifest row is done; 1 error row: pass --retry-errors to run it again)"
     )
 
     # The manifest grows: the new rows are processed without --force, the error row left as it is.
