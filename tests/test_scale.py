@@ -309,7 +309,8 @@ def test_resume_with_ids_in_parts(tmp_path: Path, tiny_model: Path, ray_local, m
     paths = write_images(tmp_path / "images", 6, sizes=[(48, 40), (64, 64)])
     rows = [{"id": f"r{n:02d}", "image": str(paths[n % len(paths)])} for n in range(20)]
     write_manifest(tmp_path / "in" / "a.parquet", rows[:12])
-    config = job_config(tiny_model, tmp_path / "in", tmp_path / "out", generation={"max_new_tokens": 2})
+    image = {"allowed_prefixes": [str(tmp_path / "images")]}  # the images lie beside the manifests' folder
+    config = job_config(tiny_model, tmp_path / "in", tmp_path / "out", generation={"max_new_tokens": 2}, image=image)
     first = run(config)
     assert first.succeeded and first.summary["this_run"]["rows"] == 12
 
