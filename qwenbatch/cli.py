@@ -145,6 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tiny_model=args.tiny,
         host_ms=args.host_ms,
         **({"layers": args.layers} if args.layers else {}),
+        **({"devices": tuple(args.devices.split(","))} if args.devices else {}),
     )
     print(markdown(results))
     print(f"written: {folder / 'bench.json'} and {folder / 'bench.md'}")
@@ -301,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
         type=_int_list,
         default=None,
         help="host: text layers of the tiny-width models timed, comma-separated (default: 2,36; 36 is the 8B's)",
+    )
+    bench.add_argument(
+        "--devices",
+        choices=["cpu", "cuda", "cpu,cuda"],
+        default=None,
+        help="host: where to time it (default: cpu,cuda; cuda only where there is a GPU)",
     )
     bench.add_argument(
         "--host-ms",

@@ -40,7 +40,7 @@ from qwenbatch.bench.contenders import (
     vllm_run,
 )
 from qwenbatch.bench.cost import H100_FREE_AFTER_LOAD, KV_BYTES_PER_TOKEN, TEXT_LAYERS
-from qwenbatch.bench.host import HOST_LAYERS, host_markdown
+from qwenbatch.bench.host import HOST_DEVICES, HOST_LAYERS, host_markdown
 from qwenbatch.bench.images import make_bench_images
 from qwenbatch.bench.measure import Measure, machine
 from qwenbatch.bench.shape import QWEN3_VL_8B_PARAMS, build_random_8b, count_parameters, qwen3_vl_8b_config
@@ -228,12 +228,13 @@ def run_bench(
     tiny_model: bool = False,
     host_ms: tuple[float, float] | None = None,
     layers: tuple[int, ...] = HOST_LAYERS,
+    devices: tuple[str, ...] = HOST_DEVICES,
 ) -> dict[str, Any]:
     """Run the mode's contenders on the same images; write bench.json and bench.md into `folder`.
 
     `tiny_model`: the gpu mode's steps with the tiny model, on CPU where there is no GPU (a smoke test).
     `host_ms`: sim: the host's ms per decode step, eager and compiled (None: measured first).
-    `layers`: host: the text depths timed.
+    `layers`, `devices`: host: the text depths timed, and where (CUDA only where there is a GPU).
     """
     import torch
 
@@ -247,7 +248,7 @@ def run_bench(
         mode = replace(mode, device="cpu", dtype="float32")
     folder.mkdir(parents=True, exist_ok=True)
     if mode.name == "host":
-        return _write(folder, {"mode": "host", "machine": machine(), "host": host_rows(layers)})
+        return _write(folder, {"mode": "host", "machine": machine(), "host": host_rows(layers, devices)})
     tiny = build_tiny_model(folder / "tiny-model")
     start_ray(mode)
     results: dict[str, Any] = {"mode": mode.name, "machine": machine(), "settings": asdict(mode)}
@@ -292,15 +293,16 @@ def _write(folder: Path, results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def host_rows(layers: tuple[int, ...]) -> list[dict[str, Any]]:
-    """The host bench: on CPU always, and on CUDA where there is a GPU (where compiled means CUDA graphs)."""
+def host_rows(layers: tuple[int, ...], devices: tuple[str, ...] = HOST_DEVICES) -> list[dict[str, Any]]:
+    """The host bench on each of `devices` there is here (on CUDA, compiled means CUDA graphs)."""
     import torch
 
     from qwenbatch.bench.host import host_step_times
 
-    rows = host_step_times(layers, "cpu")
-    if torch.cuda.is_available():
-        rows += host_step_times(layers, "cuda")
+    rows = []
+    for device in devices:
+        if device != "cuda" or torch.cuda.is_available():
+            rows += host_step_times(layers, device)
     return rows
 
 

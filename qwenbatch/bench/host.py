@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 HOST_LAYERS = (2, 36)  # the tiny model's depth and the 8B's
+HOST_DEVICES = ("cpu", "cuda")  # cuda where there is one
 HOST_STEPS = 48  # decode steps per timed `generate` call
 SKIP_STEPS = 2  # the prompt's stamp and the first step (prefill) are not decode steps
 MIN_STEPS = 8  # decode steps a median needs
