@@ -110,6 +110,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least 1, got {text!r}")
+    return values
+
+
+def _host_ms(text: str) -> tuple[float, float]:
+    try:
+        eager, compiled = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers, EAGER,COMPILED, got {text!r}") from None
+    if eager < 0 or compiled < 0:
+        raise argparse.ArgumentTypeError(f"expected milliseconds of at least 0, got {text!r}")
+    return eager, compiled
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from qwenbatch.bench import markdown, run_bench
 
@@ -126,6 +146,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         slowdown=args.slowdown,
         tiny_model=args.tiny,
+        host_ms=args.host_ms,
+        **({"layers": args.layers} if args.layers else {}),
+        **({"devices": tuple(args.devices.split(","))} if args.devices else {}),
     )
     print(markdown(results))
     print(f"written: {folder / 'bench.json'} and {folder / 'bench.md'}")
@@ -258,10 +281,10 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="qwenbatch against the plain transformers loop on the same images")
     bench.add_argument(
         "--mode",
-        choices=["cpu", "gpu", "sim", "scale"],
+        choices=["cpu", "gpu", "sim", "host", "scale"],
         default="cpu",
         help="cpu: tiny model vs the plain loop; gpu: the 8B shape on a GPU; sim: the pipeline on a simulated H100; "
-        "scale: the job's own machinery at many rows",
+        "host: the host time of a decode step, eager and compiled; scale: the job's own machinery at many rows",
     )
     bench.add_argument("--dir", help="folder for images, models and results (default: a new temporary folder)")
     bench.add_argument(
@@ -276,6 +299,26 @@ def parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--slowdown", type=float, default=1.0, help="sim: stretch the simulated GPU's time (2: half an H100's speed)"
+    )
+    bench.add_argument(
+        "--layers",
+        type=_int_list,
+        default=None,
+        help="host: text layers of the tiny-width models timed, comma-separated (default: 2,36; 36 is the 8B's)",
+    )
+    bench.add_argument(
+        "--devices",
+        choices=["cpu", "cuda", "cpu,cuda"],
+        default=None,
+        help="host: where to time it (default: cpu,cuda; cuda only where there is a GPU)",
+    )
+    bench.add_argument(
+        "--host-ms",
+        type=_host_ms,
+        default=None,
+        metavar="EAGER,COMPILED",
+        help="sim: the host's ms per decode step, eager and compiled (default: measured first with --mode host's "
+        "steps at 36 layers, about two minutes on 2 cores)",
     )
     bench.add_argument("--done", help="scale: done rows to resume over, comma-separated (default 1M,5M,10M)")
     bench.add_argument("--manifest-rows", type=int, help="scale: rows of the manifest whose ids are checked (10M)")

@@ -127,9 +127,10 @@ class GenerationConfig(_Section):
     top_p: float = Field(default=0.8, gt=0, le=1)
     top_k: int = Field(default=20, ge=0)
     seed: int = 0
-    compile: bool = Field(
-        default=False,
-        description="static KV cache and torch.compile of the decode step (GPU; batches padded to a few shapes)",
+    compile: Literal["auto"] | bool = Field(
+        default="auto",
+        description="static KV cache and a compiled decode step, replayed as CUDA graphs on a GPU (batches padded "
+        "to a few shapes); auto: on for a CUDA replica of the transformers engine, off on CPU and with vLLM",
     )
 
     @model_validator(mode="after")
@@ -137,6 +138,10 @@ class GenerationConfig(_Section):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("generation.min_new_tokens must not exceed generation.max_new_tokens")
         return self
+
+    def compiles_on(self, device: str) -> bool:
+        """Whether a transformers replica on `device` ("cuda", "cpu", ...) compiles its decode step."""
+        return self.compile is True or (self.compile == "auto" and device == "cuda")
 
 
 class ImageConfig(_Section):
@@ -326,7 +331,7 @@ class ProcessConfig(_Section):
     @model_validator(mode="after")
     def _vllm_settings(self) -> ProcessConfig:
         """Settings of the transformers engine that vLLM replaces with its own, or that it does not take."""
-        if self.model.engine == "vllm" and self.generation.compile:
+        if self.model.engine == "vllm" and self.generation.compile is True:  # auto: off, vLLM compiles by itself
             raise ValueError("generation.compile is the transformers engine's; vLLM compiles on GPUs by itself")
         if self.model.engine == "vllm" and self.run.processor_device == "cuda":
             raise ValueError("run.processor_device 'cuda' is the transformers engine's; vLLM places its own")

@@ -7,6 +7,11 @@ The model never waits on the CPU: while one batch generates, a second thread pre
 (processor, pinned memory, copy to the device on a side stream). Ray Data hands a replica two
 blocks at once, so this holds across blocks too; `generate` itself runs one call at a time, as the
 model caches `rope_deltas` between calls.
+
+Nor does it wait on Python within `generate`: eager decoding costs about 0.25 ms of host time per layer
+per step (`bench --mode host`), about 9 ms a step for the 8B's 36 layers, more than an H100 needs to read
+its weights. So on a GPU (`generation.compile: auto`) decoding uses the static KV cache and a compiled step
+that CUDA graphs replay as one launch; if compiling fails, the replica logs it once and decodes eagerly.
 """
 
 from __future__ import annotations
@@ -42,11 +47,30 @@ from qwenbatch.outputs import (
 from qwenbatch.rows import column_or_nulls, error_message
 from qwenbatch.timing import ReplicaClock, TimingSink
 
-__all__ = ["CoreShare", "Generator", "ModelLoader", "free_cores", "plan_batches"]
+__all__ = ["CoreShare", "Generator", "ModelLoader", "compile_config", "free_cores", "plan_batches"]
 
 log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[ModelConfig, str, int], Any]
+
+
+def compile_config(model: Any) -> Any:
+    """How a replica compiles its decode step: on CUDA, mode "reduce-overhead" (CUDA graphs: the step's
+    launches recorded once, then replayed as one); elsewhere inductor's default mode (tests, `bench --mode host`)."""
+    from transformers import CompileConfig
+
+    fullgraph = type(model)._can_compile_fullgraph
+    if model.device.type == "cuda":
+        return CompileConfig(fullgraph=fullgraph, mode="reduce-overhead")
+    config = CompileConfig(fullgraph=fullgraph, mode="default")
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told; tests run on CPU
+    return config
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
 
 
 @dataclass
@@ -106,7 +130,7 @@ class Generator:
         self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._ahead: dict[int, Future[Prepared]] = {}  # head starts, by the id of their batch's chats list
         self._copy_stream = self._new_copy_stream()
-        self._compile = self._compile_config() if generation.compile else None
+        self._compile = compile_config(self.model) if generation.compiles_on(self.device) else None
 
     def _token_budget(self) -> int:
         """On a GPU: from the memory free after the model loaded; elsewhere the fixed default."""
@@ -135,16 +159,8 @@ class Generator:
 
         return torch.cuda.Stream(self.model.device)
 
-    def _compile_config(self) -> Any:
-        from transformers import CompileConfig
-
-        if self.device == "cuda":
-            return CompileConfig(fullgraph=type(self.model)._can_compile_fullgraph)
-        config = CompileConfig(fullgraph=type(self.model)._can_compile_fullgraph, mode="default")
-        config._compile_all_devices = True  # transformers compiles on CUDA only unless told; tests run on CPU
-        return config
-
-    def generate_kwargs(self) -> dict:
+    def generate_kwargs(self, compiled: bool = True) -> dict:
+        """`generate`'s arguments; `compiled=False`: eager ones even where the replica compiles."""
         gen = self.generation
         kwargs: dict[str, Any] = {
             "max_new_tokens": gen.max_new_tokens,
@@ -156,7 +172,7 @@ class Generator:
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if self._compile is not None:
+        if compiled and self._compile is not None:
             kwargs.update(cache_implementation="static", compile_config=self._compile)
         return kwargs
 
@@ -168,7 +184,8 @@ class Generator:
 
         started = time.perf_counter()
         rows = len(chats)
-        if self._compile is not None:  # padding rows repeat the last one; their output is dropped
+        compiled = self._compile is not None  # read once: a failed compilation turns it off from another thread
+        if compiled:  # padding rows repeat the last one; their output is dropped
             extra = bucket_rows(rows, self.batch_size) - rows
             chats, images = chats + chats[-1:] * extra, images + images[-1:] * extra
         side = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else nullcontext()
@@ -184,7 +201,7 @@ class Generator:
                     do_normalize=False,
                     **self.processor_kwargs,
                 )
-            if self._compile is not None:
+            if compiled:
                 inputs = pad_prompts_left(inputs, bucket_length(inputs["input_ids"].shape[1]), self.pad_id)
             input_tokens = inputs["attention_mask"][:rows].sum(dim=1).tolist()
             inputs = self._to_device(inputs)
@@ -237,13 +254,36 @@ class Generator:
                     if isinstance(value, torch.Tensor):
                         value.record_stream(torch.cuda.current_stream(self.model.device))
             began, started = time.time(), time.perf_counter()
-            with torch.inference_mode():
-                sequences = self.model.generate(**prepared.inputs, **self.generate_kwargs())
+            sequences = self._generate_once(prepared.inputs)
             prompt_length = prepared.inputs["input_ids"].shape[1]
             generated = sequences[: prepared.rows, prompt_length:].tolist()
             memory = torch.cuda.max_memory_allocated(self.model.device) if self.device == "cuda" else 0
             self.clock.add(generate_s=time.perf_counter() - started, batches=1, memory=memory, began=began)
         return [self._output(ids, tokens) for ids, tokens in zip(generated, prepared.input_tokens, strict=True)]
+
+    def _generate_once(self, inputs: Any) -> Any:
+        """`generate`, compiled if so set; a compiled call that fails where an eager one succeeds turns compilation
+        off for the replica's life, logged once: a broken compiler slows the replica down but never fails a row.
+
+        Running out of memory is not the compiler's fault: it is raised as it is (the caller splits the batch).
+        Nor is a failure that eager decoding repeats: that one is raised, and compilation stays on.
+        """
+        import torch
+
+        compiled = self._compile is not None
+        try:
+            with torch.inference_mode():
+                return self.model.generate(**inputs, **self.generate_kwargs())
+        except Exception as exc:
+            if not compiled or _out_of_memory(exc):
+                raise
+            failure = error_message(exc)
+        self._release_memory()  # outside the `except`: the failed call's traceback no longer holds its tensors
+        with torch.inference_mode():
+            sequences = self.model.generate(**inputs, **self.generate_kwargs(compiled=False))
+        self._compile = None
+        log.warning("generation.compile failed (%s); this replica decodes eagerly from now on", failure)
+        return sequences
 
     def _output(self, generated: list[int], input_tokens: int) -> Output:
         stop = next((i for i, token in enumerate(generated) if token in self.eos_ids), None)

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from qwenbatch.tiny_tokenizer import ADDED_TOKENS, build_qwen_tokenizer
 
-__all__ = ["THINKING_ANSWER", "THINKING_REASONING", "build_tiny_model", "thinking_script"]
+__all__ = ["THINKING_ANSWER", "THINKING_REASONING", "build_tiny_model", "thinking_script", "tiny_in_memory"]
 
 MARKER = "qwenbatch_tiny.json"
 VERSION = 2
@@ -114,16 +114,17 @@ def _build_processor(thinking: bool) -> Qwen3VLProcessor:
     )
 
 
-def _build_config(tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
+def _build_config(tokenizer: Qwen2Tokenizer, text_layers: int = 2) -> Qwen3VLConfig:
     """Tiny dims, but every structural feature of Qwen3-VL (interleaved MRoPE, deepstack, GQA), Qwen's
-    vocabulary, and head_dim 32 (the real one is 128; vLLM's CPU attention is reported to refuse smaller)."""
+    vocabulary, and head_dim 32 (the real one is 128; vLLM's CPU attention is reported to refuse smaller).
+    `text_layers`: the text model's depth (2; the 8B has 36)."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token, _ in ADDED_TOKENS}
     hidden, head_dim = 32, 32
     text_config = {
         "vocab_size": EMBEDDING_ROWS,
         "hidden_size": hidden,
         "intermediate_size": 64,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": text_layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": head_dim,
@@ -205,6 +206,16 @@ def _build_model(config: Qwen3VLConfig, seed: int, chain: list[int] | None) -> Q
         do_sample=False,
     )
     return model
+
+
+def tiny_in_memory(text_layers: int = 2, seed: int = 0) -> tuple[Qwen3VLForConditionalGeneration, Qwen3VLProcessor]:
+    """The tiny model (random weights, float32, on CPU) and its processor, built in memory, never saved.
+
+    `text_layers` sets the text model's depth at the tiny width: 36 is the 8B's, which makes the host time of a
+    decode step (Python and dispatch, per layer) the 8B's while its kernels cost next to nothing.
+    """
+    processor = _build_processor(thinking=False)
+    return _build_model(_build_config(processor.tokenizer, text_layers), seed, None), processor
 
 
 def _marker(seed: int, thinking: bool, answer: str | None = None) -> dict:

@@ -21,6 +21,7 @@ BUDGET = (32 * 32 * 4, 32 * 32 * 64)
 
 
 def generator(tiny_model, **options):
+    """A replica on the GPU, eager unless `compile` says otherwise ("auto": the default, compiled on CUDA)."""
     from qwenbatch.infer import Generator
 
     generation = GenerationConfig(max_new_tokens=6, compile=options.pop("compile", False))
@@ -82,10 +83,23 @@ def test_processor_on_the_gpu_prepares_the_same_pixels(tiny_model):
     assert texts(gpu(batch)) == texts(cpu(batch))
 
 
-def test_compiled_decode_on_cuda_gives_eager_text(tiny_model):
-    eager, compiled = generator(tiny_model), generator(tiny_model, compile=True)
+def test_compiled_decode_on_cuda_gives_eager_text(tiny_model, caplog):
+    """The default (`auto`) on CUDA: static cache, a compiled decode step replayed as CUDA graphs; eager's greedy
+    text, without falling back, and without inductor skipping the graphs."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = generator(tiny_model), generator(tiny_model, compile="auto")
+    assert compiled._compile is not None and compiled._compile.mode == "reduce-overhead"
     batch = loaded_batch(eager, SIZES)
-    assert texts(compiled(batch)) == texts(eager(batch))
+    expected = texts(eager(batch))
+    torch._dynamo.reset()
+    counters.clear()
+    with caplog.at_level(logging.WARNING, logger="qwenbatch.infer"):
+        got = compiled(batch)
+    assert "generation.compile failed" not in caplog.text and compiled._compile is not None
+    assert got.column(schema.STATUS).to_pylist() == [schema.OK] * len(SIZES)
+    assert texts(got) == expected
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
 def test_out_of_memory_on_the_device_splits_the_batch(tiny_model, monkeypatch):

@@ -7,7 +7,8 @@ every row padded to the batch's longest prompt, every image through the vision t
 - Vision tower and prefill: matrix FLOPs at `PREFILL_EFFICIENCY` (50%) of the H100's 989 TFLOP/s
   dense bf16 peak.
 - Each decode step: the larger of the bytes it must read (the text model's weights and the whole
-  KV cache, at 3.35 TB/s) and its FLOPs at peak. Memory-bound until the batch is large.
+  KV cache, at 3.35 TB/s) and its FLOPs at peak. Memory-bound until the batch is large. The simulated
+  GPU also takes the host's time per step where that is larger (eager decoding: `bench.host`).
 
 For a 1024x768 image (3,072 patches, 768 visual tokens), a ~790-token prompt and 128 new tokens
 this gives about 4.0 TFLOP of vision, 11.2 TFLOP of prefill and 1.9 TFLOP of decode (DESIGN.md).
@@ -91,14 +92,19 @@ def batch_flops(shape: BatchShape) -> float:
     return sum(map(vision_flops, shape.image_patches)) + prefill_flops(shape.rows, shape.prompt_tokens) + decode
 
 
-def h100_seconds(shape: BatchShape) -> float:
-    """The time an H100 needs for one call, by the rules in the module docstring."""
+def h100_seconds(shape: BatchShape, host_step_s: float = 0.0) -> float:
+    """The time an H100 needs for one call, by the rules in the module docstring.
+
+    `host_step_s`: what the host needs to issue one decode step (`bench --mode host`); a step takes the larger
+    of that and its roofline time, as the GPU cannot run a step before Python has launched it.
+    """
     dense = sum(map(vision_flops, shape.image_patches)) + prefill_flops(shape.rows, shape.prompt_tokens)
     seconds = dense / (PREFILL_EFFICIENCY * H100_BF16_DENSE_FLOPS)
     for step in range(shape.new_tokens):
         context = shape.prompt_tokens + step
         read = DECODE_WEIGHT_BYTES + shape.rows * context * KV_BYTES_PER_TOKEN
-        seconds += max(read / H100_MEMORY_BYTES_PER_S, decode_step_flops(shape.rows, context) / H100_BF16_DENSE_FLOPS)
+        roofline = max(read / H100_MEMORY_BYTES_PER_S, decode_step_flops(shape.rows, context) / H100_BF16_DENSE_FLOPS)
+        seconds += max(roofline, host_step_s)
     return seconds
 
 
