@@ -89,6 +89,9 @@ REGISTRY = {
     "# 640 1024x768 JPEGs, then 256 4000x3000 ones without and with jpeg_draft\n": (
         "tests/test_bench.py::test_sim_bench_smoke"
     ),
+    "qwenbatch bench --mode host --dir host_out\n": (
+        "tests/test_bench.py::test_host_bench_times_a_decode_step_eager_and_compiled"
+    ),
     "qwenbatch bench --mode scale --dir scale_out   "
     "# about 7 minutes once its data is built (a 10M-row output: some minutes)\n": (
         "tests/test_scale.py::test_scale_bench_smoke"
