@@ -33,7 +33,7 @@ def build_manifest(location: str) -> pa.Table:
         }
     )
     # The folder walked, as the prefix check compares it: a run over this manifest may read there
-    # (`pipeline.with_recorded_roots`) wherever the manifest itself is written.
+    # (`preflight.with_recorded_roots`) wherever the manifest itself is written.
     walked = normalise_location(prefix + root if prefix else root)
     return table.replace_schema_metadata({schema.MANIFEST_ROOT_KEY: walked.encode()})
 

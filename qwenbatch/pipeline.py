@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwenbatch import attempts, retry, schema, storage
@@ -28,6 +27,7 @@ from qwenbatch.inputs import Manifest, find_todo
 from qwenbatch.lease import Lease
 from qwenbatch.load import Loader
 from qwenbatch.locations import LoadLimits, allowed_roots, check_locations
+from qwenbatch.preflight import pending, require_output_folder, with_recorded_roots
 from qwenbatch.prompt import prompt_batch
 from qwenbatch.ray_start import init_ray
 from qwenbatch.read import block_rows, open_manifest, read_manifest, sample_locations
@@ -152,19 +152,6 @@ def limits_for(config: ProcessConfig) -> LoadLimits:
         max_total_pixels=image.max_total_pixels,
         pdf=config.pdf,
     )
-
-
-def with_recorded_roots(config: JobConfig, manifest: Manifest) -> JobConfig:
-    """A manifest written by `qwenbatch manifest` names the folder it walked: its rows may be read there too.
-
-    Only when `image.allowed_prefixes` is not set; manifests without that record get nothing more.
-    """
-    if config.image.allowed_prefixes is not None or not manifest.roots:
-        return config
-    allowed = (*allowed_roots(None, config.input.paths()), *manifest.roots)
-    log.info("images allowed under %s (the manifests' folders and the folders they were made for)", allowed)
-    image = config.image.model_copy(update={"allowed_prefixes": tuple(dict.fromkeys(allowed))})
-    return config.model_copy(update={"image": image})
 
 
 def build_stages(
@@ -305,7 +292,7 @@ def run(
     """
     output = config.output.path
     storage.configure(config.storage)  # this process resolves manifest and output URIs with it
-    _require_output_folder(output)
+    require_output_folder(output)
     if not force and is_complete(output) and not pending(config, retry_errors):
         return RunResult(output=output, summary=read_summary(output) or {}, skipped=True)
 
@@ -320,34 +307,6 @@ def run(
     with Lease.acquire(output, run_id, config.run.lease_timeout_s) as lease:  # before anything is written
         summary = _run_held(config, manifest, run_id, lease, retry_errors, load, progress)
     return RunResult(output=output, summary=summary)
-
-
-def pending(config: JobConfig, retry_errors: tuple[str, ...]) -> bool:
-    """Whether a complete output still has work: manifest rows it lacks (a grown manifest), or errors to retry.
-
-    Reads the manifest's ids and the output's indexes, never a shard's rows unless errors are retried.
-    """
-    output = config.output.path
-    if retry_errors and retry.plan_retry(output, config.input.id_column, retry_errors).rows:
-        return True
-    manifest = open_manifest(config.input)
-    return find_todo(manifest, done_index(output, config.input.id_column)).rows > 0
-
-
-def _require_output_folder(output: str) -> None:
-    """A local output.path that is a file, or lies below one, can never become the run's folder: one line, now.
-
-    On an object store a key where the folder should be does not stop the run's own keys from being written.
-    """
-    fs, path = storage.resolve(output)
-    if not storage.is_local(fs):
-        return
-    for where in (Path(path), *Path(path).parents):
-        if where.exists():
-            if not where.is_dir():
-                shown = output if where == Path(path) else f"{output}: {where}"
-                raise ConfigError(f"output.path: {shown} is a file, not a folder")
-            return
 
 
 def _run_held(
