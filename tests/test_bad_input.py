@@ -214,8 +214,8 @@ def test_every_case_is_one_row(tmp_path: Path, tiny_model: Path, ray_local) -> N
     image = {"max_bytes": MAX_BYTES, "formats": ["JPEG", "PNG"]}
     # Most cases are bad on purpose, past the default error-rate limit: the limit is off, so the verdict
     # asserted below is about bad rows alone (the limit's own test is test_retry).
-    output = {"max_error_rate": 1.0}
-    config = job_config(tiny_model, manifest, tmp_path / "out", image=image, task={"kind": "vqa"}, output=output)
+    config = job_config(tiny_model, manifest, tmp_path / "out", image=image, task={"kind": "vqa"})
+    config.output.max_error_rate = 1.0
 
     result = run(config)
 
