@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,18 @@ from qwenbatch import schema
 from qwenbatch.config import ConfigError, GenerationConfig, JobConfig, ModelConfig, load_config
 from qwenbatch.engine_vllm import engine_args, sampling_args, vllm_versions
 from qwenbatch.pipeline import run
-from tests.helpers import REPO, job_data, read_output, start_run, stop_group, write_images, write_manifest
+from tests.helpers import (
+    REPO,
+    job_data,
+    private_ray_dirs,
+    ray_processes,
+    read_output,
+    start_run,
+    stop_group,
+    wait_for_exit,
+    write_images,
+    write_manifest,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(
@@ -32,6 +46,7 @@ KV_CACHE_GIB = 1  # on CPU vLLM's default share of the machine's memory would ta
 COMPARED = ("status", "error", "text", "reasoning", "width", "height", "image_tokens", "input_tokens",
             "output_tokens", "finish_reason")  # fmt: skip
 POISON_RUN_BOUND_S = 600  # three replica deaths, each followed by a vLLM start (about 40 s on 2 busy cores)
+KILL_BOUND_S = 400  # each wait of the kill test: at most a vLLM start and a few blocks
 
 
 def hf_data(model: Path, manifest: Path, output: Path) -> dict[str, Any]:
@@ -228,3 +243,73 @@ def test_a_row_that_kills_the_vllm_replica_is_isolated(tmp_path: Path, tiny_mode
             assert (rows[row_id]["status"], rows[row_id]["error"]) == (schema.OK, None), rows[row_id]
             assert rows[row_id]["text"]
     assert not (tmp_path / "out" / schema.ATTEMPTS_FOLDER).exists()
+
+
+def engine_cores(marker: str) -> dict[int, int]:
+    """vLLM engine core processes of the run whose private Ray dir is `marker`, each with its parent (the replica)."""
+    found = {}
+    for pid in ray_processes(marker):
+        try:
+            if not (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                continue
+            stat = (Path("/proc") / str(pid) / "stat").read_text()
+        except OSError:
+            continue
+        found[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def wait_until(what: Callable[[], Any], process: subprocess.Popen, log: Path, seconds: float = KILL_BOUND_S) -> Any:
+    deadline = time.monotonic() + seconds
+    while not (found := what()):
+        assert process.poll() is None, f"the run ended first:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"not within {seconds} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.1)
+    return found
+
+
+def gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # a zombie has ended; only its parent's wait is missing
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@needs_vllm
+def test_a_killed_engine_core_and_a_killed_replica_leave_no_process(tmp_path: Path, tiny_model: Path) -> None:
+    """A real `qwenbatch run` on vLLM's multiprocess engine: SIGKILL its engine core, and the replica ends (Ray Data
+    starts another); SIGKILL that replica, and its engine core goes with it. Every row is answered, and when the run
+    has ended no process of it is left."""
+    paths = write_images(tmp_path / "images", 48, sizes=[(64, 64), (96, 64)])
+    write_manifest(tmp_path / "m.parquet", [{"id": f"r{i:02d}", "image": str(p)} for i, p in enumerate(paths)])
+    data = vllm_data(tiny_model, tmp_path / "m.parquet", tmp_path / "out", max_num_seqs=4)
+    data |= {"generation": {"max_new_tokens": 48, "min_new_tokens": 48}, "run": {"batch_size": 2}}
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(data))
+    log = tmp_path / "run.log"
+    with private_ray_dirs(1) as (ray_dir,):
+        process = start_run(job, log, ray_dir)
+        try:
+            wait_until(lambda: list((tmp_path / "out").glob("part-*.parquet")), process, log)
+            (first_core, first_replica), *_ = engine_cores(ray_dir).items()
+            os.kill(first_core, signal.SIGKILL)
+            assert gone(first_replica, 60), "the replica outlived its engine core"
+            second = wait_until(
+                lambda: {c: r for c, r in engine_cores(ray_dir).items() if c != first_core}, process, log
+            )
+            (second_core, second_replica), *_ = second.items()
+            os.kill(second_replica, signal.SIGKILL)
+            assert gone(second_core, 30), "the engine core outlived its replica"
+            code = process.wait(timeout=KILL_BOUND_S)
+        finally:
+            stop_group(process)
+        assert code == 0, log.read_text()[-4000:]
+        assert not wait_for_exit(ray_dir, time.monotonic() + 30), "processes outlived the run"
+    rows = read_output(tmp_path / "out").to_pylist()
+    assert sorted(row["id"] for row in rows) == [f"r{i:02d}" for i in range(48)]
+    assert all(row["status"] == schema.OK and row["text"] for row in rows), [r["error"] for r in rows if r["error"]]
