@@ -23,8 +23,10 @@ import pytest
 
 from qwenbatch import schema
 from qwenbatch.config import ConfigError, GenerationConfig, JobConfig, ModelConfig, load_config
-from qwenbatch.engine_vllm import engine_args, sampling_args, vllm_versions
-from qwenbatch.pipeline import run
+from qwenbatch.engine_vllm import calls_per_replica, engine_args, in_flight_target, sampling_args, vllm_versions
+from qwenbatch.pipeline import replica_calls, run
+from qwenbatch.status import busy_lines
+from qwenbatch.timing import ReplicaClock, ReplicaTime, TimingSink, busy_summary
 from tests.helpers import (
     REPO,
     job_data,
@@ -130,6 +132,40 @@ def test_engine_arguments_carry_the_budget_the_memory_and_the_gpus() -> None:
     assert args["kv_cache_memory_bytes"] == int(1.5 * 2**30)
     assert (args["dtype"], args["enforce_eager"], args["trust_remote_code"]) == ("bfloat16", False, False)
     assert engine_args(ModelConfig(name="m"), GenerationConfig(), 4096, 65536, "cpu", 1)["dtype"] == "float32"
+
+
+def test_engine_occupancy_per_step_reaches_the_summary_and_status(tmp_path: Path) -> None:
+    """Per step: running requests, starved steps (under the target while rows waited), the KV cache peak; the mean
+    once filled runs from the first step that held the target to the last, leaving the final drain out."""
+    clock = ReplicaClock.start("cpu")
+    clock.figures.in_flight_target = 4
+    steps = [(1, 0.1, True, False), (3, 0.2, True, False), (4, 0.5, False, True), (4, 0.4, False, True),
+             (3, 0.3, True, False), (4, 0.4, False, True), (2, 0.2, False, False), (1, 0.1, False, False)]  # fmt: skip
+    for running, kv_cache, starved, full in steps:
+        clock.step(running, kv_cache, starved=starved, full=full)
+    clock.add(generate_s=2.0, batches=len(steps), began=100.0)
+    sink = TimingSink.for_run(str(tmp_path / "out"), "run-1")
+    sink.publish(clock.figures)
+    (figures,) = sink.read()
+    assert (figures.steps, figures.running_max, figures.starved_steps, figures.kv_cache_peak) == (8, 4, 3, 0.5)
+    assert figures.occupancy() == {"running_mean": 2.75, "filled_running_mean": 3.75, "starved": 0.375}
+    engine = busy_summary([figures])["replicas"]["engine"]
+    assert engine == {"in_flight_target": 4, "steps": 8, "running_max": 4, "kv_cache_peak": 0.5,
+                      "running_mean": 2.75, "filled_running_mean": 3.75, "starved": 0.375}  # fmt: skip
+    lines = busy_lines(busy_summary([figures]))
+    assert lines[1] == (
+        "engine     2.8 running requests per step (max 4, 3.8 once the engine held its target of 4), "
+        "starved 37.5% of 8 steps, KV cache peak 50.0%"
+    )
+    assert "engine" not in busy_summary([ReplicaTime("r", "h", 1, "cpu", 0.0, 1.0, generate_s=1.0)])["replicas"]
+
+
+def test_a_vllm_replica_runs_enough_blocks_for_its_in_flight_target() -> None:
+    assert (in_flight_target(256), in_flight_target(4)) == (282, 5)
+    assert calls_per_replica(256, 32) == 10 and calls_per_replica(4, 8) == 2
+    config = JobConfig.model_validate({"model": {"name": "m"}, "input": {"path": "x"}, "output": {"path": "y"}})
+    assert replica_calls(config.model, 32) == schema.REPLICA_CONCURRENT_BLOCKS
+    assert engine_args(ModelConfig(name="m", max_num_seqs=64), GenerationConfig(), 1, 2, "cpu", 1)["max_num_seqs"] == 64
 
 
 # --- with vLLM ------------------------------------------------------------------------------------
