@@ -256,9 +256,12 @@ class _Engine:
             with self._state:
                 self._raise_if_died()
                 self.engine.input_processor.assign_request_id(request)
+                try:
+                    self.engine.output_processor.add_request(request, prompt.get("prompt"), None, 0)
+                    self.engine.engine_core.add_request(request)
+                except Exception as exc:  # a request the processor took: the engine's state is what failed
+                    raise EngineDied(f"vLLM could not take a request: {error_message(exc)}") from exc
                 self._waiting[request_id] = future  # outputs carry this id (vLLM's own one differs)
-                self.engine.output_processor.add_request(request, prompt.get("prompt"), None, 0)
-                self.engine.engine_core.add_request(request)
                 if self._busy_mark is None:
                     self._busy_mark = time.time()
                 self._held -= 1
