@@ -25,6 +25,7 @@ from qwenbatch import schema
 from qwenbatch.config import ConfigError, GenerationConfig, JobConfig, ModelConfig, load_config
 from qwenbatch.engine_vllm import calls_per_replica, engine_args, in_flight_target, sampling_args, vllm_versions
 from qwenbatch.pipeline import replica_calls, run
+from qwenbatch.report_page import _busy_block as busy_block
 from qwenbatch.status import busy_lines
 from qwenbatch.timing import ReplicaClock, ReplicaTime, TimingSink, busy_summary
 from tests.helpers import (
@@ -156,6 +157,9 @@ def test_engine_occupancy_per_step_reaches_the_summary_and_status(tmp_path: Path
     assert lines[1] == (
         "engine     2.8 running requests per step (max 4, 3.8 once the engine held its target of 4), "
         "starved 37.5% of 8 steps, KV cache peak 50.0%"
+    )
+    assert "vLLM engine: 2.8 running requests per step" in " ".join(
+        busy_block(busy_summary([figures]), live=False).split()
     )
     assert "engine" not in busy_summary([ReplicaTime("r", "h", 1, "cpu", 0.0, 1.0, generate_s=1.0)])["replicas"]
 
