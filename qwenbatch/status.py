@@ -153,7 +153,8 @@ def occupancy_text(figures: dict[str, Any]) -> str:
     mean, filled = figures.get("running_mean"), figures.get("filled_running_mean")
     return (
         f"{_number(mean)} running requests per step (max {figures.get('running_max', 0):,}, "
-        f"{_number(filled)} once the engine held its target of {figures.get('in_flight_target', 0):,}), "
+        f"{_number(filled)} once the engine held its target of {figures.get('in_flight_target', 0):,}; "
+        f"running and queued {_number(figures.get('filled_in_engine_mean'))}), "
         f"starved {_share(figures.get('starved'))} of {figures.get('steps', 0):,} steps, "
         f"KV cache peak {_share(figures.get('kv_cache_peak'))}"
     )

@@ -49,10 +49,12 @@ class ReplicaTime:
     steps: int = 0
     running_sum: int = 0  # requests running, summed over the steps
     running_max: int = 0
+    waiting_sum: int = 0  # requests queued in the engine, not yet running, summed over the steps
     starved_steps: int = 0  # steps run under the target while rows waited in the replica to be added
     kv_cache_peak: float = 0.0  # the largest share of the KV cache in use after a step
     filled_steps: int = 0  # steps from the first with the target in the engine to the last
     filled_running_sum: int = 0
+    filled_waiting_sum: int = 0
 
     @property
     def span_s(self) -> float:
@@ -72,6 +74,8 @@ class ReplicaTime:
         return {
             "running_mean": _ratio(self.running_sum, self.steps, 2),
             "filled_running_mean": _ratio(self.filled_running_sum, self.filled_steps, 2),
+            "in_engine_mean": _ratio(self.running_sum + self.waiting_sum, self.steps, 2),  # running and queued
+            "filled_in_engine_mean": _ratio(self.filled_running_sum + self.filled_waiting_sum, self.filled_steps, 2),
             "starved": _ratio(self.starved_steps, self.steps, 4),
         }
 
@@ -80,7 +84,8 @@ class ReplicaTime:
         return asdict(self) | derived | self.occupancy()
 
 
-DERIVED = ("span_s", "busy", "fill_s", "running_mean", "filled_running_mean", "starved")
+DERIVED = ("span_s", "busy", "fill_s", "running_mean", "filled_running_mean", "in_engine_mean", "filled_in_engine_mean",
+           "starved")  # fmt: skip
 
 
 def _ratio(part: float, whole: float, digits: int) -> float | None:
@@ -98,7 +103,7 @@ class ReplicaClock:
     figures: ReplicaTime
     _active: int = 0
     _idle_since: float | None = None
-    _filling: tuple[int, int] | None = None  # steps and running requests since the engine first held its target
+    _filling: tuple[int, int, int] | None = None  # steps, running and queued requests since the target was first held
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -145,7 +150,7 @@ class ReplicaClock:
             self.figures.batches += batches
             self.figures.peak_memory_bytes = max(self.figures.peak_memory_bytes, memory)
 
-    def step(self, running: int, kv_cache: float, starved: bool, full: bool) -> None:
+    def step(self, running: int, kv_cache: float, starved: bool, full: bool, waiting: int = 0) -> None:
         """One engine step of the vLLM engine: its running requests and KV cache share (its scheduler's figures),
         whether rows waited in the replica while the engine held fewer than its target, and whether it held it."""
         with self._lock:
@@ -153,13 +158,14 @@ class ReplicaClock:
             f.steps += 1
             f.running_sum += running
             f.running_max = max(f.running_max, running)
+            f.waiting_sum += waiting
             f.starved_steps += starved
             f.kv_cache_peak = max(f.kv_cache_peak, round(kv_cache, 4))
             if full or self._filling is not None:
-                steps, total = self._filling or (0, 0)
-                self._filling = (steps + 1, total + running)
+                steps, total, queued = self._filling or (0, 0, 0)
+                self._filling = (steps + 1, total + running, queued + waiting)
                 if full:  # the figures run to the last step that held the target: the final drain is left out
-                    f.filled_steps, f.filled_running_sum = self._filling
+                    f.filled_steps, f.filled_running_sum, f.filled_waiting_sum = self._filling
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,8 @@ def engine_occupancy(replicas: list[ReplicaTime]) -> dict[str, Any]:
     for r in replicas:
         total.steps += r.steps
         total.running_sum += r.running_sum
+        total.waiting_sum += r.waiting_sum
+        total.filled_waiting_sum += r.filled_waiting_sum
         total.starved_steps += r.starved_steps
         total.filled_steps += r.filled_steps
         total.filled_running_sum += r.filled_running_sum

@@ -143,19 +143,22 @@ def test_engine_occupancy_per_step_reaches_the_summary_and_status(tmp_path: Path
     steps = [(1, 0.1, True, False), (3, 0.2, True, False), (4, 0.5, False, True), (4, 0.4, False, True),
              (3, 0.3, True, False), (4, 0.4, False, True), (2, 0.2, False, False), (1, 0.1, False, False)]  # fmt: skip
     for running, kv_cache, starved, full in steps:
-        clock.step(running, kv_cache, starved=starved, full=full)
+        clock.step(running, kv_cache, starved=starved, full=full, waiting=1 if full else 0)
     clock.add(generate_s=2.0, batches=len(steps), began=100.0)
     sink = TimingSink.for_run(str(tmp_path / "out"), "run-1")
     sink.publish(clock.figures)
     (figures,) = sink.read()
     assert (figures.steps, figures.running_max, figures.starved_steps, figures.kv_cache_peak) == (8, 4, 3, 0.5)
-    assert figures.occupancy() == {"running_mean": 2.75, "filled_running_mean": 3.75, "starved": 0.375}
+    assert figures.occupancy() == {"running_mean": 2.75, "filled_running_mean": 3.75, "in_engine_mean": 3.12,
+                                   "filled_in_engine_mean": 4.5, "starved": 0.375}  # fmt: skip
     engine = busy_summary([figures])["replicas"]["engine"]
-    assert engine == {"in_flight_target": 4, "steps": 8, "running_max": 4, "kv_cache_peak": 0.5,
-                      "running_mean": 2.75, "filled_running_mean": 3.75, "starved": 0.375}  # fmt: skip
+    assert engine == {"in_flight_target": 4, "steps": 8, "running_max": 4, "kv_cache_peak": 0.5, "running_mean": 2.75,
+                      "filled_running_mean": 3.75, "in_engine_mean": 3.12, "filled_in_engine_mean": 4.5,
+                      "starved": 0.375}  # fmt: skip
     lines = busy_lines(busy_summary([figures]))
     assert lines[1] == (
-        "engine     2.8 running requests per step (max 4, 3.8 once the engine held its target of 4), "
+        "engine     2.8 running requests per step (max 4, 3.8 once the engine held its target of 4; "
+        "running and queued 4.5), "
         "starved 37.5% of 8 steps, KV cache peak 50.0%"
     )
     assert "vLLM engine: 2.8 running requests per step" in " ".join(
