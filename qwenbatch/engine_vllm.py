@@ -22,6 +22,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import threading
 import time
 from concurrent.futures import Future
@@ -128,9 +129,49 @@ def vllm_versions() -> dict[str, str]:
     return found
 
 
-def start_error(exc: BaseException, model: ModelConfig) -> BaseException:
-    """vLLM's start-up failures for want of memory, restated with the settings that fix them."""
-    text = error_message(exc)
+class CoreStderr:
+    """The replica's stderr (fd 2) through a pipe while vLLM starts, passed on as it comes.
+
+    The engine core, a process of its own, inherits it: a core that fails to start logs the cause there, and the
+    client raises only "Engine core initialization failed". The last of the text is kept to name the cause; once
+    the engine is up the replica writes to its stderr directly again, and the core's lines still pass on.
+    """
+
+    KEEP = 64 * 1024
+
+    def __init__(self) -> None:
+        self._read, write = os.pipe()
+        self._real = os.dup(2)
+        self._tail = bytearray()
+        os.dup2(write, 2)
+        os.close(write)
+        self._forwarder = threading.Thread(target=self._forward, name="vllm-core-stderr", daemon=True)
+        self._forwarder.start()
+
+    def _forward(self) -> None:
+        while chunk := os.read(self._read, 65536):
+            os.write(self._real, chunk)
+            self._tail += chunk
+            del self._tail[: -self.KEEP]
+
+    def restore(self) -> None:
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._real, 2)
+
+    def cause(self) -> str:
+        """After a failed start: the last error line the core wrote (it has exited, so the pipe ends)."""
+        self._forwarder.join(timeout=10)
+        lines = bytes(self._tail).decode(errors="replace").splitlines()
+        errors = [line.strip() for line in lines if re.match(r"\s*[\w.]*(Error|Exception): ", line)]
+        return errors[-1] if errors else ""
+
+
+def start_error(exc: BaseException, model: ModelConfig, cause: str = "") -> BaseException:
+    """vLLM's start-up failures for want of memory, restated with the settings that fix them. `cause`: the error
+    the engine core logged, when it failed in its own process."""
+    text = error_message(exc) + (f" (engine core: {cause})" if cause else "")
     if (
         isinstance(exc, MemoryError)
         or type(exc).__name__ == "OutOfMemoryError"
@@ -308,6 +349,7 @@ class _Engine:
                 stats.kv_cache_usage,
                 starved=self._held > 0 and in_engine < self.target,
                 full=in_engine >= self.target,
+                waiting=stats.num_waiting_reqs,
             )
         iteration_stats = self._iteration_stats() if self._iteration_stats and outputs.outputs else None
         processed = self.engine.output_processor.process_outputs(
@@ -383,10 +425,13 @@ class VllmGenerator:
         eos = HFGenerationConfig.from_pretrained(model.name, revision=model.revision).eos_token_id
         stop_ids = sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
         self.params = SamplingParams(**sampling_args(generation, stop_ids))
+        stderr = CoreStderr()
         try:
             llm = LLM(**engine_args(model, generation, min_pixels, max_pixels, device, gpus))
         except Exception as exc:
-            raise start_error(exc, model) from exc
+            stderr.restore()
+            raise start_error(exc, model, stderr.cause()) from exc
+        stderr.restore()
         self.clock = ReplicaClock.start(device)
         self.engine = _Engine(llm.llm_engine, self.clock, in_flight_target(model.max_num_seqs))
         self._llm = llm  # holds the engine's resources for the replica's life
