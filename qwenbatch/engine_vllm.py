@@ -129,43 +129,58 @@ def vllm_versions() -> dict[str, str]:
     return found
 
 
-class CoreStderr:
-    """The replica's stderr (fd 2) through a pipe while vLLM starts, passed on as it comes.
+class CoreOutput:
+    """The replica's stdout and stderr through pipes while vLLM starts, passed on as they come.
 
-    The engine core, a process of its own, inherits it: a core that fails to start logs the cause there, and the
-    client raises only "Engine core initialization failed". The last of the text is kept to name the cause; once
-    the engine is up the replica writes to its stderr directly again, and the core's lines still pass on.
+    The engine core and its workers, processes of their own, inherit them: one that fails to start logs the cause
+    there (vLLM logs to stdout), and the client raises only "Engine core initialization failed". The last of the
+    text is kept to name the cause; once the engine is up the replica writes to its own again, and the engine
+    processes' lines still pass on.
     """
 
-    KEEP = 64 * 1024
+    KEEP = 256 * 1024
 
     def __init__(self) -> None:
-        self._read, write = os.pipe()
-        self._real = os.dup(2)
         self._tail = bytearray()
-        os.dup2(write, 2)
-        os.close(write)
-        self._forwarder = threading.Thread(target=self._forward, name="vllm-core-stderr", daemon=True)
-        self._forwarder.start()
+        self._lock = threading.Lock()
+        self._real: dict[int, int] = {}
+        self._forwarders = []
+        for fd in (1, 2):
+            read, write = os.pipe()
+            self._real[fd] = os.dup(fd)
+            os.dup2(write, fd)
+            os.close(write)
+            thread = threading.Thread(target=self._forward, args=(read, self._real[fd]), daemon=True)
+            thread.start()
+            self._forwarders.append(thread)
 
-    def _forward(self) -> None:
-        while chunk := os.read(self._read, 65536):
-            os.write(self._real, chunk)
-            self._tail += chunk
-            del self._tail[: -self.KEEP]
+    def _forward(self, read: int, real: int) -> None:
+        while chunk := os.read(read, 65536):
+            os.write(real, chunk)
+            with self._lock:
+                self._tail += chunk
+                del self._tail[: -self.KEEP]
 
     def restore(self) -> None:
         import sys
 
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(self._real, 2)
+        for fd, real in self._real.items():
+            os.dup2(real, fd)
 
     def cause(self) -> str:
-        """After a failed start: the last error line the core wrote (it has exited, so the pipe ends)."""
-        self._forwarder.join(timeout=10)
-        lines = bytes(self._tail).decode(errors="replace").splitlines()
-        errors = [line.strip() for line in lines if re.match(r"\s*[\w.]*(Error|Exception): ", line)]
-        return errors[-1] if errors else ""
+        """After a failed start: the error the engine processes logged, one about memory first."""
+        for thread in self._forwarders:
+            thread.join(timeout=5)
+        with self._lock:
+            lines = bytes(self._tail).decode(errors="replace").splitlines()
+        errors = [found.group(1).strip() for line in lines if (found := ERROR_LINE.search(line))]
+        memory = [error for error in errors if any(word in error.lower() for word in MEMORY_WORDS)]
+        return (memory or errors or [""])[-1]
+
+
+ERROR_LINE = re.compile(r"\b([\w.]*(?:Error|Exception): .*)")
 
 
 def start_error(exc: BaseException, model: ModelConfig, cause: str = "") -> BaseException:
@@ -425,13 +440,13 @@ class VllmGenerator:
         eos = HFGenerationConfig.from_pretrained(model.name, revision=model.revision).eos_token_id
         stop_ids = sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
         self.params = SamplingParams(**sampling_args(generation, stop_ids))
-        stderr = CoreStderr()
+        output = CoreOutput()
         try:
             llm = LLM(**engine_args(model, generation, min_pixels, max_pixels, device, gpus))
         except Exception as exc:
-            stderr.restore()
-            raise start_error(exc, model, stderr.cause()) from exc
-        stderr.restore()
+            output.restore()
+            raise start_error(exc, model, output.cause()) from exc
+        output.restore()
         self.clock = ReplicaClock.start(device)
         self.engine = _Engine(llm.llm_engine, self.clock, in_flight_target(model.max_num_seqs))
         self._llm = llm  # holds the engine's resources for the replica's life
