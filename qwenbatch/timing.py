@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -84,8 +84,7 @@ class ReplicaTime:
         return asdict(self) | derived | self.occupancy()
 
 
-DERIVED = ("span_s", "busy", "fill_s", "running_mean", "filled_running_mean", "in_engine_mean", "filled_in_engine_mean",
-           "starved")  # fmt: skip
+KNOWN = {f.name for f in fields(ReplicaTime)}
 
 
 def _ratio(part: float, whole: float, digits: int) -> float | None:
@@ -202,7 +201,7 @@ def _read_figures(filesystem: pafs.FileSystem, folder: str) -> list[ReplicaTime]
     for entry in storage.list_files(filesystem, folder, (".json",)):
         with filesystem.open_input_stream(entry.path) as handle:
             data = json.loads(handle.read())
-        replicas.append(ReplicaTime(**{k: v for k, v in data.items() if k not in DERIVED}))
+        replicas.append(ReplicaTime(**{k: v for k, v in data.items() if k in KNOWN}))  # a newer replica's extras go
     return replicas
 
 
