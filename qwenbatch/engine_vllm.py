@@ -11,9 +11,11 @@ is that row's `infer_error`. A failure inside the engine's step leaves the engin
 replica's process exits, Ray Data starts a new one and retries the block, and the attempt ledger
 isolates a row that kills it again (`qwenbatch.attempts`).
 
-The engine runs in the replica's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so it dies and
-restarts with the replica; the two blocks Ray Data hands a replica at once share it, each thread
-adding its requests and stepping the engine in turn, so their requests batch together.
+The engine core steps in a process of its own (vLLM's multiprocess client) while the replica runs the
+processor for the next requests and hands out finished ones. Ray Data runs enough blocks in a replica at once
+for about 1.1 x `model.max_num_seqs` requests to stay in the engine, running or queued, across blocks. The core
+dying ends the replica (Ray Data starts a new one); a reaper process kills the engine's processes once the
+replica has exited, however it ended, so none outlives it.
 """
 
 from __future__ import annotations
