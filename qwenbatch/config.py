@@ -43,6 +43,11 @@ class ModelConfig(_Section):
     max_model_len: int | None = Field(
         default=None, ge=1, description="vllm: tokens of context; a longer prompt is that row's infer_error"
     )
+    max_num_seqs: int = Field(
+        default=schema.VLLM_MAX_NUM_SEQS,
+        ge=1,
+        description="vllm: requests the engine runs at once; each replica keeps 1.1x that many in the engine",
+    )
 
     @field_validator("engine")
     @classmethod

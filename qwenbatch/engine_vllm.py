@@ -11,19 +11,23 @@ is that row's `infer_error`. A failure inside the engine's step leaves the engin
 replica's process exits, Ray Data starts a new one and retries the block, and the attempt ledger
 isolates a row that kills it again (`qwenbatch.attempts`).
 
-The engine runs in the replica's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so it dies and
-restarts with the replica; the two blocks Ray Data hands a replica at once share it, each thread
-adding its requests and stepping the engine in turn, so their requests batch together.
+The engine core steps in a process of its own (vLLM's multiprocess client) while the replica runs the
+processor for the next requests and hands out finished ones. Ray Data runs enough blocks in a replica at once
+for about 1.1 x `model.max_num_seqs` requests to stay in the engine, running or queued, across blocks. The core
+dying ends the replica (Ray Data starts a new one); a reaper process kills the engine's processes once the
+replica has exited, however it ended, so none outlives it.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
+import re
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
@@ -45,7 +49,15 @@ from qwenbatch.outputs import (
 from qwenbatch.rows import column_or_nulls, error_message
 from qwenbatch.timing import ReplicaClock, TimingSink
 
-__all__ = ["EngineDied", "VllmGenerator", "engine_args", "sampling_args", "vllm_versions"]
+__all__ = [
+    "EngineDied",
+    "VllmGenerator",
+    "calls_per_replica",
+    "engine_args",
+    "in_flight_target",
+    "sampling_args",
+    "vllm_versions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +87,8 @@ def engine_args(
         "mm_processor_kwargs": {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}},
         "mm_processor_cache_gb": 0,  # a batch job sees each image once: caching processed images only costs memory
         "seed": generation.seed,
-        "disable_log_stats": True,
+        "max_num_seqs": model.max_num_seqs,
+        "disable_log_stats": False,  # the core then reports its scheduler's figures with every step's outputs
         # On CPU: no torch.compile at start-up (minutes on a small machine); GPUs keep vLLM's compile and CUDA graphs.
         "enforce_eager": device == "cpu",
     }
@@ -118,9 +131,64 @@ def vllm_versions() -> dict[str, str]:
     return found
 
 
-def start_error(exc: BaseException, model: ModelConfig) -> BaseException:
-    """vLLM's start-up failures for want of memory, restated with the settings that fix them."""
-    text = error_message(exc)
+class CoreOutput:
+    """The replica's stdout and stderr through pipes while vLLM starts, passed on as they come.
+
+    The engine core and its workers, processes of their own, inherit them: one that fails to start logs the cause
+    there (vLLM logs to stdout), and the client raises only "Engine core initialization failed". The last of the
+    text is kept to name the cause; once the engine is up the replica writes to its own again, and the engine
+    processes' lines still pass on.
+    """
+
+    KEEP = 256 * 1024
+
+    def __init__(self) -> None:
+        self._tail = bytearray()
+        self._lock = threading.Lock()
+        self._real: dict[int, int] = {}
+        self._forwarders = []
+        for fd in (1, 2):
+            read, write = os.pipe()
+            self._real[fd] = os.dup(fd)
+            os.dup2(write, fd)
+            os.close(write)
+            thread = threading.Thread(target=self._forward, args=(read, self._real[fd]), daemon=True)
+            thread.start()
+            self._forwarders.append(thread)
+
+    def _forward(self, read: int, real: int) -> None:
+        while chunk := os.read(read, 65536):
+            os.write(real, chunk)
+            with self._lock:
+                self._tail += chunk
+                del self._tail[: -self.KEEP]
+
+    def restore(self) -> None:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, real in self._real.items():
+            os.dup2(real, fd)
+
+    def cause(self) -> str:
+        """After a failed start: the error the engine processes logged, one about memory first."""
+        for thread in self._forwarders:
+            thread.join(timeout=5)
+        with self._lock:
+            lines = bytes(self._tail).decode(errors="replace").splitlines()
+        errors = [found.group(1).strip() for line in lines if (found := ERROR_LINE.search(line))]
+        memory = [error for error in errors if any(word in error.lower() for word in MEMORY_WORDS)]
+        return (memory or errors or [""])[-1]
+
+
+ERROR_LINE = re.compile(r"\b([\w.]*(?:Error|Exception): .*)")
+
+
+def start_error(exc: BaseException, model: ModelConfig, cause: str = "") -> BaseException:
+    """vLLM's start-up failures for want of memory, restated with the settings that fix them. `cause`: the error
+    the engine core logged, when it failed in its own process."""
+    text = error_message(exc) + (f" (engine core: {cause})" if cause else "")
     if (
         isinstance(exc, MemoryError)
         or type(exc).__name__ == "OutOfMemoryError"
@@ -134,58 +202,209 @@ def start_error(exc: BaseException, model: ModelConfig) -> BaseException:
     return exc
 
 
-@dataclass
-class _Engine:
-    """One `LLMEngine` shared by a replica's threads: requests are added and the engine stepped under one lock.
+REAPER = """
+import os, select, signal, sys, time
+if os.fork():
+    os._exit(0)  # the reaper itself is no child of the replica: Ray kills those as the replica exits
+os.setsid()
+replica, marker = int(sys.argv[1]), sys.argv[2].encode()
+try:
+    select.select([os.pidfd_open(replica)], [], [])  # readable once the replica has exited, however it ended
+except ProcessLookupError:
+    pass
+for _ in range(50):
+    found = False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if marker not in environ.read().split(b"\\0"):
+                    continue
+            os.kill(int(entry), signal.SIGKILL)
+            found = True
+        except OSError:
+            continue
+    if not found:
+        break
+    time.sleep(0.1)
+"""
 
-    Whichever thread steps collects every finished request; each thread takes its own. A thread with
-    requests left always has them in the engine, so a step always has work.
+
+def start_reaper() -> dict[str, str]:
+    """A small process that outlives the replica by a moment: once the replica has exited (a crash, `os._exit`, Ray's
+    SIGKILL), it kills every process started with the environment variable returned: the engine core and its
+    workers. vLLM's engine core does not watch its parent, and its workers outlive it a while; Ray kills only a
+    worker's own children as it exits (the reaper is none: it forks away), so a core's workers would outlive it."""
+    import subprocess
+    import sys
+    import uuid
+
+    name, value = schema.VLLM_ENGINE_OF_ENV, f"{os.getpid()}-{uuid.uuid4().hex}"
+    environment = {key: val for key, val in os.environ.items() if key != name}
+    subprocess.run(  # noqa: S603 - our own interpreter, our own code; it returns once the reaper has forked
+        [sys.executable, "-c", REAPER, str(os.getpid()), f"{name}={value}"],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        close_fds=True,
+        check=True,
+    )
+    return {name: value}
+
+
+def in_flight_target(max_num_seqs: int) -> int:
+    """Requests a replica keeps in its engine: a step that finishes some finds others queued to take their place."""
+    return math.ceil(schema.VLLM_IN_FLIGHT_PER_SEQ * max_num_seqs)
+
+
+def calls_per_replica(max_num_seqs: int, rows_per_call: int) -> int:
+    """Blocks Ray Data runs in one vLLM replica at once: enough rows for the in-flight target, and one block more
+    whose rows are prepared while the others' requests run."""
+    return math.ceil(in_flight_target(max_num_seqs) / max(1, rows_per_call)) + 1
+
+
+class _Engine:
+    """One `LLMEngine` whose core steps in a process of its own; the replica's threads feed it and take its outputs.
+
+    The blocks in the replica each add their rows as requests, at most `target` in the engine at once: a row's
+    processor work (normalise, patchify, tokenise) runs in the adding thread, outside every lock the engine's
+    outputs need, while the core steps. One thread takes the core's outputs, step by step, hands each finished
+    request to the thread that waits for it, and counts the scheduler's figures. `LLMEngine.add_request` and
+    `step` are these same calls, split so that the processor and the wait for the core hold no lock.
     """
 
-    engine: Any
-    clock: ReplicaClock
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _finished: dict[str, Any] = field(default_factory=dict)
-    _ids: itertools.count = field(default_factory=itertools.count)
+    def __init__(self, engine: Any, clock: ReplicaClock, target: int) -> None:
+        from vllm.v1.metrics.stats import IterationStats
 
-    def add(self, prompt: dict[str, Any], params: Any) -> str:
-        """Queue one request; raises for a request vLLM refuses (that row's error, the engine goes on)."""
-        started = time.perf_counter()
-        with self._lock:
+        self.engine = engine
+        self.clock = clock
+        self.target = target
+        clock.figures.in_flight_target = target
+        self._iteration_stats = IterationStats if engine.log_stats else None
+        self._state = threading.Condition()  # the output processor and the core client: adds against outputs
+        self._processor = threading.Lock()  # the processor: a fast tokenizer is not safe from two threads at once
+        self._slots = threading.Semaphore(target)
+        self._waiting: dict[str, Future] = {}
+        self._ids = itertools.count()
+        self._held = 0  # rows in the replica's hands not yet added
+        self._busy_mark: float | None = None  # while the engine has requests: when its busy time was last counted
+        self._died: EngineDied | None = None
+        threading.Thread(target=self._take_outputs, name="vllm-outputs", daemon=True).start()
+        threading.Thread(target=self._watch_core, name="vllm-core-watch", daemon=True).start()
+
+    def hold(self, rows: int) -> None:
+        """Rows in hand, to be added: while they wait, a step under the target is a starved one."""
+        with self._state:
+            self._held += rows
+
+    def add(self, prompt: dict[str, Any], params: Any) -> Future:
+        """Queue one request once the engine has room; raises for a request vLLM refuses (that row's error)."""
+        while not self._slots.acquire(timeout=1):
+            self._raise_if_died()
+        try:
+            self._raise_if_died()
             request_id = str(next(self._ids))
-            self.engine.add_request(request_id, prompt, params)  # outputs carry this id (vLLM's own one differs)
-        self.clock.add(prepare_s=time.perf_counter() - started)
-        return request_id
-
-    def wait(self, request_ids: list[str]) -> dict[str, Any]:
-        """The finished outputs of `request_ids`, stepping the engine until they are all done."""
-        pending, done = set(request_ids), {}
-        while pending:
-            with self._lock:
-                for request_id in [r for r in pending if r in self._finished]:
-                    done[request_id] = self._finished.pop(request_id)
-                    pending.discard(request_id)
-                if not pending:
-                    break
-                if not self.engine.has_unfinished_requests():
-                    raise EngineDied(f"vLLM lost {len(pending)} requests")
-                began, started = time.time(), time.perf_counter()
+            started = time.perf_counter()
+            with self._processor:
+                request = self.engine.input_processor.process_inputs(
+                    request_id, prompt, params, supported_tasks=self.engine.get_supported_tasks()
+                )
+            self.clock.add(prepare_s=time.perf_counter() - started)
+            future: Future = Future()
+            with self._state:
+                self._raise_if_died()
+                self.engine.input_processor.assign_request_id(request)
                 try:
-                    outputs = self.engine.step()
-                except Exception as exc:
-                    raise EngineDied(f"vLLM failed in a step: {error_message(exc)}") from exc
-                seconds = time.perf_counter() - started
-                self.clock.add(generate_s=seconds, batches=1, memory=self._memory(), began=began)
-                self._finished.update((o.request_id, o) for o in outputs if o.finished)
-        return done
+                    self.engine.output_processor.add_request(request, prompt.get("prompt"), None, 0)
+                    self.engine.engine_core.add_request(request)
+                except Exception as exc:  # a request the processor took: the engine's state is what failed
+                    raise EngineDied(f"vLLM could not take a request: {error_message(exc)}") from exc
+                self._waiting[request_id] = future  # outputs carry this id (vLLM's own one differs)
+                if self._busy_mark is None:
+                    self._busy_mark = time.time()
+                self._held -= 1
+                self._state.notify_all()
+            return future
+        except BaseException:
+            self._slots.release()
+            with self._state:
+                self._held -= 1
+            raise
 
-    def _memory(self) -> int:
-        """On a GPU: the most memory torch held at once in this process (weights, KV cache, activations)."""
-        if self.clock.figures.device != "cuda":
-            return 0
-        import torch
+    def skip(self) -> None:
+        """A held row that will not be added (refused before `add`)."""
+        with self._state:
+            self._held -= 1
 
-        return torch.cuda.max_memory_allocated()
+    def wait(self, futures: dict[str, Future]) -> dict[str, Any]:
+        """The finished outputs of these requests; `EngineDied` if the core died first."""
+        return {request_id: future.result() for request_id, future in futures.items()}
+
+    def _raise_if_died(self) -> None:
+        if self._died is not None:
+            raise self._died
+
+    def _take_outputs(self) -> None:
+        """The core's outputs, one step at a time, while it has requests."""
+        try:
+            while True:
+                with self._state:
+                    while not self._waiting:
+                        self._state.wait()
+                outputs = self.engine.engine_core.get_output()  # blocks until the core's next step
+                with self._state:
+                    self._handle(outputs)
+        except BaseException as exc:  # noqa: BLE001 - whatever ends this thread ends the engine
+            self._die(EngineDied(f"vLLM failed in a step: {error_message(exc)}"), exc)
+
+    def _handle(self, outputs: Any) -> None:
+        stats = outputs.scheduler_stats
+        if stats is not None:
+            in_engine = len(self._waiting)
+            self.clock.step(
+                stats.num_running_reqs,
+                stats.kv_cache_usage,
+                starved=self._held > 0 and in_engine < self.target,
+                full=in_engine >= self.target,
+                waiting=stats.num_waiting_reqs,
+            )
+        iteration_stats = self._iteration_stats() if self._iteration_stats and outputs.outputs else None
+        processed = self.engine.output_processor.process_outputs(
+            outputs.outputs,
+            engine_core_timestamp=outputs.timestamp,
+            iteration_stats=iteration_stats,
+            weight_version=outputs.weight_version,
+        )
+        self.engine.engine_core.abort_requests(processed.reqs_to_abort)
+        for output in processed.request_outputs:
+            if output.finished and (future := self._waiting.pop(output.request_id, None)) is not None:
+                future.set_result(output)
+                self._slots.release()
+        if self._busy_mark is not None:  # busy from the first request added to the last one finished
+            now = time.time()
+            self.clock.add(generate_s=now - self._busy_mark, batches=stats is not None, began=self._busy_mark)
+            self._busy_mark = now if self._waiting else None
+
+    def _watch_core(self) -> None:
+        """vLLM marks its client dead when the core process exits; a wait for its next output would never end."""
+        resources = self.engine.engine_core.resources
+        while self._died is None:
+            if resources.engine_dead:
+                self._die(EngineDied("vLLM's engine core exited"))
+                return
+            time.sleep(0.5)
+
+    def _die(self, error: EngineDied, cause: BaseException | None = None) -> None:
+        if cause is not None:
+            error.__cause__ = cause
+        with self._state:
+            if self._died is not None:
+                return
+            self._died = error
+            for future in self._waiting.values():
+                future.set_exception(error)
+            self._waiting.clear()
+            self._state.notify_all()
 
 
 class VllmGenerator:
@@ -209,7 +428,8 @@ class VllmGenerator:
         attempts: AttemptLedger | None = None,
         **_transformers_only: Any,
     ) -> None:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives and dies with this replica
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the core steps in its own process, as the replica works
+        os.environ.update(start_reaper())  # before the core starts: it carries the mark its reaper looks for
         from transformers import GenerationConfig as HFGenerationConfig
         from vllm import LLM, SamplingParams
         from vllm.platforms import current_platform
@@ -222,12 +442,15 @@ class VllmGenerator:
         eos = HFGenerationConfig.from_pretrained(model.name, revision=model.revision).eos_token_id
         stop_ids = sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
         self.params = SamplingParams(**sampling_args(generation, stop_ids))
+        output = CoreOutput()
         try:
             llm = LLM(**engine_args(model, generation, min_pixels, max_pixels, device, gpus))
         except Exception as exc:
-            raise start_error(exc, model) from exc
+            output.restore()
+            raise start_error(exc, model, output.cause()) from exc
+        output.restore()
         self.clock = ReplicaClock.start(device)
-        self.engine = _Engine(llm.llm_engine, self.clock)
+        self.engine = _Engine(llm.llm_engine, self.clock, in_flight_target(model.max_num_seqs))
         self._llm = llm  # holds the engine's resources for the replica's life
         self.timing = timing
         self.id_column = id_column
@@ -253,22 +476,28 @@ class VllmGenerator:
         ids = column_or_nulls(batch, self.id_column)
         die_if_told("infer", [str(ids[i]) for i in rows])
         results: dict[int, Output | InferError] = {}
-        requests: dict[str, int] = {}
+        requests: dict[str, Future] = {}
+        rows_of: dict[str, int] = {}
         sizes = column_or_nulls(batch, schema.SIZES)
+        self.engine.hold(len(rows))
         for i in rows:
             if image_count(sizes[i]) > 1:  # an `images` list: vLLM is started for one image a prompt
+                self.engine.skip()
                 results[i] = InferError(f"{schema.VLLM_ONE_IMAGE} (this row has {image_count(sizes[i])})")
                 continue
             image = Image.fromarray(pixels_to_array(pixels[i], widths[i], heights[i]))
             try:
-                request_id = self.engine.add({"prompt": chats[i], "multi_modal_data": {"image": image}}, self.params)
+                future = self.engine.add({"prompt": chats[i], "multi_modal_data": {"image": image}}, self.params)
+            except EngineDied:
+                raise
             except Exception as exc:  # noqa: BLE001 - a request vLLM refuses is that row's error
                 log.warning("vLLM refused row %r: %s", ids[i], error_message(exc))
                 results[i] = InferError(error_message(exc))
                 continue
-            requests[request_id] = i
-        for request_id, output in self.engine.wait(list(requests)).items():
-            results[requests[request_id]] = self._output(output)
+            requests[str(i)] = future
+            rows_of[str(i)] = i
+        for key, output in self.engine.wait(requests).items():
+            results[rows_of[key]] = self._output(output)
         return results
 
     def _output(self, output: Any) -> Output | InferError:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from qwenbatch import attempts, retry, schema, storage
 from qwenbatch.answers import Answers
 from qwenbatch.attempts import AttemptLedger
-from qwenbatch.config import ConfigError, JobConfig, ProcessConfig
+from qwenbatch.config import ConfigError, JobConfig, ModelConfig, ProcessConfig
 from qwenbatch.console import QUIET_ENV
-from qwenbatch.engine_vllm import VllmGenerator
+from qwenbatch.engine_vllm import VllmGenerator, calls_per_replica
 from qwenbatch.hub import require_model
 from qwenbatch.infer import Generator, ModelLoader
 from qwenbatch.inputs import Manifest, find_todo
@@ -197,7 +197,7 @@ def build_stages(
             num_gpus=placement.gpus_per_replica,
             concurrency=config.run.replicas,
             batch_size=config.run.batch_size * schema.SORT_WINDOW_BATCHES,
-            calls_per_actor=schema.REPLICA_CONCURRENT_BLOCKS,
+            calls_per_actor=replica_calls(model, config.run.batch_size * schema.SORT_WINDOW_BATCHES),
             env={name: os.environ[name] for name in QUIET_ENV if name in os.environ},
             kwargs={
                 "model": model,
@@ -217,6 +217,14 @@ def build_stages(
             | ({"load": load} if load else {}),
         ),
     ]
+
+
+def replica_calls(model: ModelConfig, rows_per_call: int) -> int:
+    """Blocks a replica works on at once: two for transformers (one prepares while one generates); for vLLM, enough
+    to keep its engine's in-flight target of requests (`engine_vllm.calls_per_replica`)."""
+    if model.engine != "vllm":
+        return schema.REPLICA_CONCURRENT_BLOCKS
+    return calls_per_replica(model.max_num_seqs, rows_per_call)
 
 
 def _ledger(rows: Rows, run_id: str, stage: str) -> AttemptLedger | None:

@@ -14,7 +14,7 @@ from typing import Any
 from qwenbatch import schema
 from qwenbatch.report_svg import Histogram, display_text, escape, svg_bars, svg_histogram, svg_line
 from qwenbatch.shards import NO_STATUS
-from qwenbatch.status import FAILED, RUNNING, SUCCEEDED, duration_text, moment_text
+from qwenbatch.status import FAILED, RUNNING, SUCCEEDED, duration_text, moment_text, occupancy_text
 from qwenbatch.timing import on_cpu
 
 STATUS_COLOURS = {
@@ -293,13 +293,21 @@ def _busy_block(busy: dict[str, Any], live: bool) -> str:
         f"<td class='n'>{r['wait_s']:,.1f}</td><td class='n'>{r['batches']:,}</td><td class='n'>{r['rows']:,}</td></tr>"
         for r in figures.get("each", [])
     )
+    engine = figures.get("engine")
+    occupancy = (
+        "<p>vLLM engine: "
+        + escape(occupancy_text(engine))
+        + ". Starved: a step run under the in-flight target while rows waited in the replica to be added.</p>"
+        if engine
+        else ""
+    )
     return (
         f"<div id='busy'><h3>{'Replica' if cpu else 'GPU'} busy{' (running)' if live else ''}: {_percent(share)}</h3>"
         f"<p>Time in <code>generate</code> over {figures.get('count', 0)} replica(s) x "
         f"{duration_text(figures.get('window_s', 0))} from the first <code>generate</code> to the last: "
         f"{_num(key, share, _percent(share))}.{escape(advice)}</p>"
         "<table><tr><th>replica</th><th>device</th><th>busy</th><th>generate (s)</th><th>preparing (s)</th>"
-        f"<th>waiting for rows (s)</th><th>batches</th><th>rows</th></tr>{rows}</table></div>"
+        f"<th>waiting for rows (s)</th><th>batches</th><th>rows</th></tr>{rows}</table>{occupancy}</div>"
     )
 
 

@@ -151,6 +151,11 @@ PREFETCH_BATCHES = 3
 # Blocks of rows Ray Data runs in one replica at once: the next block's batches are prepared while
 # the last batch of the one before generates. `generate` itself runs one call at a time.
 REPLICA_CONCURRENT_BLOCKS = 2
+# The vLLM engine: requests it runs at once (`model.max_num_seqs`; vLLM's own default on CPUs and most
+# GPUs, 1024 on an H100 or H200), and the requests a replica keeps in it, running or queued: 1.1x that,
+# as Ray's `ray.data.llm` does, so a step that finishes requests finds others ready to take their place.
+VLLM_MAX_NUM_SEQS = 256
+VLLM_IN_FLIGHT_PER_SEQ = 1.1
 # `generation.compile`: prompts are left-padded to a power of two of at least this many tokens, and
 # batches to a power of two of rows, so the decode step compiles for a handful of shapes.
 COMPILE_MIN_PROMPT = 64
@@ -171,6 +176,8 @@ VLLM_ONE_IMAGE = "model.engine vllm takes one image a prompt: image lists and pd
 # Tests only: `<stage>:<id>[:<marker file>]`, comma-separated, makes that stage's worker die on that row
 # (with a marker file, only once). See `attempts.die_if_told`.
 TEST_DIE_ENV = "QWENBATCH_TEST_DIE_ON"
+# Set in the environment of a vLLM replica's engine processes: what its reaper kills once the replica is gone.
+VLLM_ENGINE_OF_ENV = "QWENBATCH_VLLM_ENGINE_OF"
 # Tests only: the driver SIGKILLs itself when a retry reaches this step (see `retry.reached`).
 TEST_KILL_ENV = "QWENBATCH_TEST_KILL_AT"
 RETRY_DIR = "_retry"  # a retry run's new rows wait here, per run, until they replace the old ones

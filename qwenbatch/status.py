@@ -136,14 +136,36 @@ def busy_lines(busy: dict[str, Any]) -> list[str]:
         f"(overlapped), waiting for rows {replicas.get('wait_s', 0):,.1f} s, of {replicas.get('window_s', 0):,.1f} s "
         f"from the first generate to the last" + _fill(replicas.get("fill_s"))
     ]
+    if engine := replicas.get("engine"):
+        lines.append(occupancy_line(engine))
     each = replicas.get("each", [])
     if len(each) > 1:
         lines += [
             f"{'':<11}{r['replica']} ({r['device']}): busy {_share(r['busy'])}, {r['batches']:,} batches, "
-            f"{r['rows']:,} rows"
+            f"{r['rows']:,} rows" + (f"; {occupancy_text(r)}" if r.get("steps") else "")
             for r in each
         ]
     return lines
+
+
+def occupancy_text(figures: dict[str, Any]) -> str:
+    """The vLLM engine's occupancy: running requests per step against the replica's in-flight target."""
+    mean, filled = figures.get("running_mean"), figures.get("filled_running_mean")
+    return (
+        f"{_number(mean)} running requests per step (max {figures.get('running_max', 0):,}, "
+        f"{_number(filled)} once the engine held its target of {figures.get('in_flight_target', 0):,}; "
+        f"running and queued {_number(figures.get('filled_in_engine_mean'))}), "
+        f"starved {_share(figures.get('starved'))} of {figures.get('steps', 0):,} steps, "
+        f"KV cache peak {_share(figures.get('kv_cache_peak'))}"
+    )
+
+
+def occupancy_line(engine: dict[str, Any]) -> str:
+    return f"{'engine':<10} {occupancy_text(engine)}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
 
 
 def done_inputs(totals: dict[str, Any]) -> int:

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -44,6 +44,17 @@ class ReplicaTime:
     prepare_s: float = 0.0
     wait_s: float = 0.0
     peak_memory_bytes: int = 0  # on a GPU: the most device memory torch held at once
+    # The vLLM engine's occupancy, from its scheduler's figures for each step (zero for the transformers engine).
+    in_flight_target: int = 0  # requests the replica keeps in the engine, running or queued
+    steps: int = 0
+    running_sum: int = 0  # requests running, summed over the steps
+    running_max: int = 0
+    waiting_sum: int = 0  # requests queued in the engine, not yet running, summed over the steps
+    starved_steps: int = 0  # steps run under the target while rows waited in the replica to be added
+    kv_cache_peak: float = 0.0  # the largest share of the KV cache in use after a step
+    filled_steps: int = 0  # steps from the first with the target in the engine to the last
+    filled_running_sum: int = 0
+    filled_waiting_sum: int = 0
 
     @property
     def span_s(self) -> float:
@@ -58,8 +69,26 @@ class ReplicaTime:
         """From the first block in hand to the first generate: the first batch prepared with nothing to overlap."""
         return round(self.started - self.first_block, 3) if None not in (self.started, self.first_block) else None
 
+    def occupancy(self) -> dict[str, Any]:
+        """Mean running requests per step, overall and once filled; the share of starved steps."""
+        return {
+            "running_mean": _ratio(self.running_sum, self.steps, 2),
+            "filled_running_mean": _ratio(self.filled_running_sum, self.filled_steps, 2),
+            "in_engine_mean": _ratio(self.running_sum + self.waiting_sum, self.steps, 2),  # running and queued
+            "filled_in_engine_mean": _ratio(self.filled_running_sum + self.filled_waiting_sum, self.filled_steps, 2),
+            "starved": _ratio(self.starved_steps, self.steps, 4),
+        }
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"span_s": round(self.span_s, 3), "busy": self.busy, "fill_s": self.fill_s}
+        derived = {"span_s": round(self.span_s, 3), "busy": self.busy, "fill_s": self.fill_s}
+        return asdict(self) | derived | self.occupancy()
+
+
+KNOWN = {f.name for f in fields(ReplicaTime)}
+
+
+def _ratio(part: float, whole: float, digits: int) -> float | None:
+    return round(part / whole, digits) if whole else None
 
 
 @dataclass
@@ -73,6 +102,7 @@ class ReplicaClock:
     figures: ReplicaTime
     _active: int = 0
     _idle_since: float | None = None
+    _filling: tuple[int, int, int] | None = None  # steps, running and queued requests since the target was first held
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -119,6 +149,23 @@ class ReplicaClock:
             self.figures.batches += batches
             self.figures.peak_memory_bytes = max(self.figures.peak_memory_bytes, memory)
 
+    def step(self, running: int, kv_cache: float, starved: bool, full: bool, waiting: int = 0) -> None:
+        """One engine step of the vLLM engine: its running requests and KV cache share (its scheduler's figures),
+        whether rows waited in the replica while the engine held fewer than its target, and whether it held it."""
+        with self._lock:
+            f = self.figures
+            f.steps += 1
+            f.running_sum += running
+            f.running_max = max(f.running_max, running)
+            f.waiting_sum += waiting
+            f.starved_steps += starved
+            f.kv_cache_peak = max(f.kv_cache_peak, round(kv_cache, 4))
+            if full or self._filling is not None:
+                steps, total, queued = self._filling or (0, 0, 0)
+                self._filling = (steps + 1, total + running, queued + waiting)
+                if full:  # the figures run to the last step that held the target: the final drain is left out
+                    f.filled_steps, f.filled_running_sum, f.filled_waiting_sum = self._filling
+
 
 @dataclass(frozen=True)
 class TimingSink:
@@ -154,7 +201,7 @@ def _read_figures(filesystem: pafs.FileSystem, folder: str) -> list[ReplicaTime]
     for entry in storage.list_files(filesystem, folder, (".json",)):
         with filesystem.open_input_stream(entry.path) as handle:
             data = json.loads(handle.read())
-        replicas.append(ReplicaTime(**{k: v for k, v in data.items() if k not in ("span_s", "busy", "fill_s")}))
+        replicas.append(ReplicaTime(**{k: v for k, v in data.items() if k in KNOWN}))  # a newer replica's extras go
     return replicas
 
 
@@ -211,6 +258,26 @@ def busy_summary(replicas: list[ReplicaTime]) -> dict[str, Any]:
             "prepare_s": round(sum(r.prepare_s for r in working), 3),
             "wait_s": round(sum(r.wait_s for r in working), 3),
             "fill_s": max((r.fill_s for r in working if r.fill_s is not None), default=None),
+            **({"engine": engine_occupancy(working)} if any(r.steps for r in working) else {}),
             "each": each,
         },
     }
+
+
+def engine_occupancy(replicas: list[ReplicaTime]) -> dict[str, Any]:
+    """The vLLM engine's occupancy over all replicas: figures per step, each replica's steps counted once."""
+    total = ReplicaTime("all", "", 0, "")
+    for r in replicas:
+        total.steps += r.steps
+        total.running_sum += r.running_sum
+        total.waiting_sum += r.waiting_sum
+        total.filled_waiting_sum += r.filled_waiting_sum
+        total.starved_steps += r.starved_steps
+        total.filled_steps += r.filled_steps
+        total.filled_running_sum += r.filled_running_sum
+    return {
+        "in_flight_target": max(r.in_flight_target for r in replicas),
+        "steps": total.steps,
+        "running_max": max(r.running_max for r in replicas),
+        "kv_cache_peak": max(r.kv_cache_peak for r in replicas),
+    } | total.occupancy()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,23 @@ import pytest
 
 from qwenbatch import schema
 from qwenbatch.config import ConfigError, GenerationConfig, JobConfig, ModelConfig, load_config
-from qwenbatch.engine_vllm import engine_args, sampling_args, vllm_versions
-from qwenbatch.pipeline import run
-from tests.helpers import REPO, job_data, read_output, start_run, stop_group, write_images, write_manifest
+from qwenbatch.engine_vllm import calls_per_replica, engine_args, in_flight_target, sampling_args, vllm_versions
+from qwenbatch.pipeline import replica_calls, run
+from qwenbatch.report_page import _busy_block as busy_block
+from qwenbatch.status import busy_lines
+from qwenbatch.timing import ReplicaClock, ReplicaTime, TimingSink, busy_summary
+from tests.helpers import (
+    REPO,
+    job_data,
+    private_ray_dirs,
+    ray_processes,
+    read_output,
+    start_run,
+    stop_group,
+    wait_for_exit,
+    write_images,
+    write_manifest,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(
@@ -32,6 +49,7 @@ KV_CACHE_GIB = 1  # on CPU vLLM's default share of the machine's memory would ta
 COMPARED = ("status", "error", "text", "reasoning", "width", "height", "image_tokens", "input_tokens",
             "output_tokens", "finish_reason")  # fmt: skip
 POISON_RUN_BOUND_S = 600  # three replica deaths, each followed by a vLLM start (about 40 s on 2 busy cores)
+KILL_BOUND_S = 400  # each wait of the kill test: at most a vLLM start and a few blocks
 
 
 def hf_data(model: Path, manifest: Path, output: Path) -> dict[str, Any]:
@@ -117,6 +135,46 @@ def test_engine_arguments_carry_the_budget_the_memory_and_the_gpus() -> None:
     assert engine_args(ModelConfig(name="m"), GenerationConfig(), 4096, 65536, "cpu", 1)["dtype"] == "float32"
 
 
+def test_engine_occupancy_per_step_reaches_the_summary_and_status(tmp_path: Path) -> None:
+    """Per step: running requests, starved steps (under the target while rows waited), the KV cache peak; the mean
+    once filled runs from the first step that held the target to the last, leaving the final drain out."""
+    clock = ReplicaClock.start("cpu")
+    clock.figures.in_flight_target = 4
+    steps = [(1, 0.1, True, False), (3, 0.2, True, False), (4, 0.5, False, True), (4, 0.4, False, True),
+             (3, 0.3, True, False), (4, 0.4, False, True), (2, 0.2, False, False), (1, 0.1, False, False)]  # fmt: skip
+    for running, kv_cache, starved, full in steps:
+        clock.step(running, kv_cache, starved=starved, full=full, waiting=1 if full else 0)
+    clock.add(generate_s=2.0, batches=len(steps), began=100.0)
+    sink = TimingSink.for_run(str(tmp_path / "out"), "run-1")
+    sink.publish(clock.figures)
+    (figures,) = sink.read()
+    assert (figures.steps, figures.running_max, figures.starved_steps, figures.kv_cache_peak) == (8, 4, 3, 0.5)
+    assert figures.occupancy() == {"running_mean": 2.75, "filled_running_mean": 3.75, "in_engine_mean": 3.12,
+                                   "filled_in_engine_mean": 4.5, "starved": 0.375}  # fmt: skip
+    engine = busy_summary([figures])["replicas"]["engine"]
+    assert engine == {"in_flight_target": 4, "steps": 8, "running_max": 4, "kv_cache_peak": 0.5, "running_mean": 2.75,
+                      "filled_running_mean": 3.75, "in_engine_mean": 3.12, "filled_in_engine_mean": 4.5,
+                      "starved": 0.375}  # fmt: skip
+    lines = busy_lines(busy_summary([figures]))
+    assert lines[1] == (
+        "engine     2.8 running requests per step (max 4, 3.8 once the engine held its target of 4; "
+        "running and queued 4.5), "
+        "starved 37.5% of 8 steps, KV cache peak 50.0%"
+    )
+    assert "vLLM engine: 2.8 running requests per step" in " ".join(
+        busy_block(busy_summary([figures]), live=False).split()
+    )
+    assert "engine" not in busy_summary([ReplicaTime("r", "h", 1, "cpu", 0.0, 1.0, generate_s=1.0)])["replicas"]
+
+
+def test_a_vllm_replica_runs_enough_blocks_for_its_in_flight_target() -> None:
+    assert (in_flight_target(256), in_flight_target(4)) == (282, 5)
+    assert calls_per_replica(256, 32) == 10 and calls_per_replica(4, 8) == 2
+    config = JobConfig.model_validate({"model": {"name": "m"}, "input": {"path": "x"}, "output": {"path": "y"}})
+    assert replica_calls(config.model, 32) == schema.REPLICA_CONCURRENT_BLOCKS
+    assert engine_args(ModelConfig(name="m", max_num_seqs=64), GenerationConfig(), 1, 2, "cpu", 1)["max_num_seqs"] == 64
+
+
 # --- with vLLM ------------------------------------------------------------------------------------
 
 
@@ -171,7 +229,9 @@ def test_vllm_thinking_rows_equal_the_transformers_engine(tiny_thinking_model: P
 def test_a_prompt_over_the_context_is_that_rows_error(tiny_model: Path, ray_local, tmp_path: Path) -> None:
     """`model.max_model_len` 48: images over about 28 visual tokens make prompts too long; the others answer."""
     manifest, ids = manifest_with_bad_rows(tmp_path, 9)
-    rows = run_rows(vllm_data(tiny_model, manifest, tmp_path / "out", max_model_len=48))
+    data = vllm_data(tiny_model, manifest, tmp_path / "out", max_model_len=48)
+    data["output"]["max_error_rate"] = 1.0  # most rows fail here by design: the run is not failed for it
+    rows = run_rows(data)
     assert sorted(rows) == sorted(ids)
     long = [row for row in rows.values() if row["status"] == schema.INFER_ERROR]
     short = [row for row in rows.values() if row["status"] == schema.OK]
@@ -228,3 +288,73 @@ def test_a_row_that_kills_the_vllm_replica_is_isolated(tmp_path: Path, tiny_mode
             assert (rows[row_id]["status"], rows[row_id]["error"]) == (schema.OK, None), rows[row_id]
             assert rows[row_id]["text"]
     assert not (tmp_path / "out" / schema.ATTEMPTS_FOLDER).exists()
+
+
+def engine_cores(marker: str) -> dict[int, int]:
+    """vLLM engine core processes of the run whose private Ray dir is `marker`, each with its parent (the replica)."""
+    found = {}
+    for pid in ray_processes(marker):
+        try:
+            if not (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                continue
+            stat = (Path("/proc") / str(pid) / "stat").read_text()
+        except OSError:
+            continue
+        found[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def wait_until(what: Callable[[], Any], process: subprocess.Popen, log: Path, seconds: float = KILL_BOUND_S) -> Any:
+    deadline = time.monotonic() + seconds
+    while not (found := what()):
+        assert process.poll() is None, f"the run ended first:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"not within {seconds} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.1)
+    return found
+
+
+def gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # a zombie has ended; only its parent's wait is missing
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@needs_vllm
+def test_a_killed_engine_core_and_a_killed_replica_leave_no_process(tmp_path: Path, tiny_model: Path) -> None:
+    """A real `qwenbatch run` on vLLM's multiprocess engine: SIGKILL its engine core, and the replica ends (Ray Data
+    starts another); SIGKILL that replica, and its engine core goes with it. Every row is answered, and when the run
+    has ended no process of it is left."""
+    paths = write_images(tmp_path / "images", 48, sizes=[(64, 64), (96, 64)])
+    write_manifest(tmp_path / "m.parquet", [{"id": f"r{i:02d}", "image": str(p)} for i, p in enumerate(paths)])
+    data = vllm_data(tiny_model, tmp_path / "m.parquet", tmp_path / "out", max_num_seqs=4)
+    data |= {"generation": {"max_new_tokens": 48, "min_new_tokens": 48}, "run": {"batch_size": 2}}
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(data))
+    log = tmp_path / "run.log"
+    with private_ray_dirs(1) as (ray_dir,):
+        process = start_run(job, log, ray_dir)
+        try:
+            wait_until(lambda: list((tmp_path / "out").glob("part-*.parquet")), process, log)
+            (first_core, first_replica), *_ = engine_cores(ray_dir).items()
+            os.kill(first_core, signal.SIGKILL)
+            assert gone(first_replica, 60), "the replica outlived its engine core"
+            second = wait_until(
+                lambda: {c: r for c, r in engine_cores(ray_dir).items() if c != first_core}, process, log
+            )
+            (second_core, second_replica), *_ = second.items()
+            os.kill(second_replica, signal.SIGKILL)
+            assert gone(second_core, 30), "the engine core outlived its replica"
+            code = process.wait(timeout=KILL_BOUND_S)
+        finally:
+            stop_group(process)
+        assert code == 0, log.read_text()[-4000:]
+        assert not wait_for_exit(ray_dir, time.monotonic() + 30), "processes outlived the run"
+    rows = read_output(tmp_path / "out").to_pylist()
+    assert sorted(row["id"] for row in rows) == [f"r{i:02d}" for i in range(48)]
+    assert all(row["status"] == schema.OK and row["text"] for row in rows), [r["error"] for r in rows if r["error"]]

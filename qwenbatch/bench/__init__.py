@@ -45,6 +45,7 @@ from qwenbatch.bench.images import make_bench_images
 from qwenbatch.bench.measure import Measure, machine
 from qwenbatch.bench.shape import QWEN3_VL_8B_PARAMS, build_random_8b, count_parameters, qwen3_vl_8b_config
 from qwenbatch.ray_start import init_ray
+from qwenbatch.status import occupancy_text
 
 __all__ = ["QWEN3_VL_8B_PARAMS", "count_parameters", "markdown", "qwen3_vl_8b_config", "run_bench"]
 
@@ -139,6 +140,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_num(row['after_first_images_per_s'])} | {_pct(row['gpu_busy'])} | {_pct(row['mfu'])} |"
         )
     lines += ["", f"qwenbatch (best) / plain loop: **{results['ratio']:.2f}x** images/s"]
+    lines += [f"- {row['name']}, engine occupancy: {occupancy_text(row['engine'])}"
+              for row in results["end_to_end"] if row.get("engine")]  # fmt: skip
     lines += [f"- {note}" for note in results.get("notes", [])]
     if results.get("load_stage"):
         lines += ["", "| load stage, large JPEGs | images/s | vs plain |", "| --- | ---: | ---: |"]

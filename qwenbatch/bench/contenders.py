@@ -154,6 +154,7 @@ def qwenbatch_run(
         ideal_images_per_s=round(this_run["rows"] / summary["replicas"]["generate_s"], 3),
         busy_window_images_per_s=round(this_run["rows"] / summary["replicas"]["window_s"], 3),
         prepare_ms_per_image=round(1000 * summary["replicas"]["prepare_s"] / this_run["rows"], 2),
+        engine=summary["replicas"].get("engine"),
     )
     if replicas and summary["replicas"]["window_s"]:
         first, last = min(r["started"] for r in replicas), max(r["ended"] for r in replicas)

@@ -27,6 +27,7 @@ class Measure:
     busy_window_images_per_s: float | None = None  # images over the first-to-last batch window
     prepare_ms_per_image: float | None = None  # the replica's processor and copies (overlapped), per image
     window_cores: float | None = None  # CPU cores the machine kept busy, on average, over the busy window
+    engine: dict[str, Any] | None = None  # the vLLM engine's occupancy (summary `replicas.engine`): requests per step
 
     @property
     def images_per_s(self) -> float:
