@@ -223,3 +223,23 @@ def test_verbose_keeps_rays_operator_table(job, tmp_path):
     assert "Running Dataset" in text and "MapBatches(Loader)" in text, text
     assert "progress: " in text
     check_end(text, tmp_path / "out")
+
+
+def test_the_replicas_and_import_qwenbatch_keep_ray_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`process` on a Ray the user's own `read_*` started: the replicas get the quiet environment through their
+    runtime env (workers started before `quiet_ray` lack it), and `import qwenbatch` mutes Ray's token notice."""
+    import qwenbatch
+    from qwenbatch.config import ProcessConfig
+    from qwenbatch.console import QUIET_ENV
+    from qwenbatch.pipeline import Placement, build_stages
+
+    assert logging.getLogger(qwenbatch.RAY_AUTH_NOTICE).level == logging.ERROR
+    config = ProcessConfig.model_validate({"model": {"name": "any/model"}})
+    placement = Placement("cpu", 0)
+    for name in QUIET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert build_stages(config, placement, "run")[-1].env == {}  # verbose: Ray's bars as they are
+    for name, value in QUIET_ENV.items():
+        monkeypatch.setenv(name, value)
+    stages = {stage.name: stage for stage in build_stages(config, placement, "run")}
+    assert stages["infer"].env == QUIET_ENV
